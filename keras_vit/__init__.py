@@ -1,0 +1,23 @@
+"""keras_vit: the Vision Transformer (Dosovitskiy et al. 2020) for Keras 3.
+
+    model = keras_vit.create_model("B/16", image_size=224, num_classes=1000)
+    model = keras_vit.from_npz("ViT-B_16.npz", image_size=384, num_classes=10)
+    keras_vit.save_npz(model, "mine.npz")
+"""
+
+from keras_vit.checkpoints import CheckpointError, from_npz, load_npz, save_npz
+from keras_vit.layers import (
+    AddPositionEmbedding,
+    ClassToken,
+    Encoder,
+    MultiHeadSelfAttention,
+    PatchEmbedding,
+    StochasticDepth,
+    TokenPooling,
+    TransformerBlock,
+)
+from keras_vit.model import attention_model, create_model
+from keras_vit.posemb import resample as resample_position_embedding
+from keras_vit.variants import VARIANTS, ViTConfig, parse_variant
+
+__version__ = "0.1.0"

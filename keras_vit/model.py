@@ -1,0 +1,141 @@
+"""The Vision Transformer as a functional `keras.Model` (paper, Section 3.1)."""
+
+import keras
+
+from keras_vit import layers
+from keras_vit.variants import parse_variant, short_name
+
+POOLINGS = ("token", "gap")
+
+
+def _image_shape(image_size):
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    height, width = image_size
+    return (int(height), int(width))
+
+
+def create_model(
+    variant,
+    *,
+    image_size=224,
+    num_classes=1000,
+    pooling="token",
+    representation_size=None,
+    dropout_rate=0.0,
+    attention_dropout_rate=0.0,
+    stochastic_depth_rate=0.0,
+    include_top=True,
+    name=None,
+):
+    """Builds a Vision Transformer.
+
+    Args:
+        variant: "Ti/16", "S/16", "S/32", "B/8", "B/16", "B/32", "L/16", "L/32", "H/14" (also
+            "ViT-B/16" or "b16"), or a `keras_vit.ViTConfig`.
+        image_size: side of the square input in pixels, or (height, width); multiples of the
+            patch size.
+        num_classes: classes of the linear head.
+        pooling: "token" (class token, Eq. 4) or "gap" (mean of the patch tokens).
+        representation_size: if set, the pre-training "pre-logits" layer Dense + tanh of this
+            width sits before the head (the paper's "MLP with one hidden layer" at
+            pre-training); None for fine-tuning's single linear head.
+        dropout_rate: dropout after the position embedding, attention output and MLP layers.
+        attention_dropout_rate: dropout on the attention probabilities.
+        stochastic_depth_rate: drop-path rate of the last block (linear in depth from 0).
+        include_top: if False the model ends at the pooled (or pre-logits) features.
+        name: model name; defaults to "vit_<size>_<patch>".
+
+    Returns:
+        A functional `keras.Model`. Input: float32 RGB pixels in [0, 255],
+        (B, height, width, 3); the model rescales them to [-1, 1] itself, as Google's
+        checkpoints expect. Output: float32 logits (B, num_classes) (no softmax) even under a
+        mixed-precision policy; with include_top=False the float32 features (B, D) or
+        (B, representation_size).
+    """
+    config = parse_variant(variant)
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+    if include_top and (not isinstance(num_classes, int) or num_classes <= 0):
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    height, width = _image_shape(image_size)
+    for side in (height, width):
+        if side % config.patch_size:
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of the patch size "
+                f"{config.patch_size}; choose e.g. {config.patch_size * (side // config.patch_size)}."
+            )
+    grid_size = (height // config.patch_size, width // config.patch_size)
+    name = name or f"vit_{short_name(config)}"
+
+    images = keras.Input((height, width, 3), name="images")
+    # [0, 255] -> [-1, 1]: the input scaling of the original training code.
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(images)
+    x = layers.PatchEmbedding(config.patch_size, config.hidden_size, name="patch_embedding")(x)
+    if pooling == "token":
+        x = layers.ClassToken(name="class_token")(x)
+    x = layers.AddPositionEmbedding(
+        grid_size, num_prefix_tokens=1 if pooling == "token" else 0, name="position_embedding"
+    )(x)
+    x = keras.layers.Dropout(dropout_rate, name="embedding_dropout")(x)
+    x = layers.Encoder(
+        config.num_layers,
+        config.num_heads,
+        config.mlp_dim,
+        dropout_rate=dropout_rate,
+        attention_dropout_rate=attention_dropout_rate,
+        stochastic_depth_rate=stochastic_depth_rate,
+        name="encoder",
+    )(x)
+    x = layers.TokenPooling(pooling, name="pooling")(x)
+    if representation_size:
+        x = keras.layers.Dense(
+            representation_size, activation="tanh", kernel_initializer="lecun_normal",
+            name="pre_logits",
+        )(x)
+    if include_top:
+        # The head is zero-initialized (big_vision's default, the paper's fine-tuning recipe)
+        # and computes in float32, so logits are float32 under any policy.
+        x = keras.layers.Dense(
+            num_classes, kernel_initializer="zeros", dtype="float32", name="head"
+        )(x)
+    else:
+        x = keras.layers.Activation("linear", dtype="float32", name="features")(x)
+    return keras.Model(images, x, name=name)
+
+
+class _EncoderWithAttention(keras.layers.Layer):
+    """Calls an existing Encoder with return_attention_scores=True (weights shared).
+
+    A separate layer object, because Keras's functional graph records one output structure per
+    layer object, and the encoder already has a single-output node in the classifier.
+    """
+
+    def __init__(self, encoder, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+
+    def call(self, tokens):
+        return self.encoder(tokens, return_attention_scores=True)
+
+
+def attention_model(model):
+    """Returns a model sharing `model`'s weights that also outputs every attention map.
+
+    The blocks are the same layer objects called with `return_attention_scores=True`, so there
+    is no second implementation of attention to drift apart.
+
+    Output: a dict with "logits" (or "features" without a head) as `model` gives, and
+    "attention": (B, num_layers, H, T, T) attention probabilities, first block first.
+    """
+    encoder = model.get_layer("encoder")
+    images = keras.Input(model.input_shape[1:], name="images")
+    x = images
+    outputs = {}
+    for layer in model.layers[1:]:
+        if layer is encoder:
+            x, outputs["attention"] = _EncoderWithAttention(encoder, name="encoder_with_attention")(x)
+        else:
+            x = layer(x)
+    outputs["logits" if model.layers[-1].name == "head" else "features"] = x
+    return keras.Model(images, outputs, name=f"{model.name}_with_attention")

@@ -1,0 +1,89 @@
+"""The ViT model sizes of the paper (Table 1) and the names they go by.
+
+A variant is "SIZE/PATCH" ("B/16"); "ViT-B/16" and "b16" mean the same. This is the only place
+that knows the table, as big_vision's `decode_variant` is there.
+"""
+
+import dataclasses
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Shape of a Vision Transformer encoder.
+
+    Attributes:
+        patch_size: side P of the square patches, in pixels.
+        hidden_size: width D of every token.
+        num_layers: number of encoder blocks L.
+        num_heads: attention heads per block; must divide `hidden_size`.
+        mlp_dim: hidden width of the MLP in each block.
+    """
+
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"ViTConfig.{field.name} must be a positive integer, got {value!r}."
+                )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ViTConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_heads ({self.num_heads})."
+            )
+
+
+# Table 1 of the paper, plus Ti and S of "How to train your ViT" (Steiner et al. 2021).
+# name: (hidden_size, num_layers, num_heads, mlp_dim)
+SIZES = {
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+}
+
+# The patch sizes with published checkpoints; any other patch size is a custom ViTConfig.
+VARIANTS = ("Ti/16", "S/16", "S/32", "B/8", "B/16", "B/32", "L/16", "L/32", "H/14")
+
+_VARIANT_PATTERN = re.compile(r"^(?:vit[-_]?)?(ti|s|b|l|h)[/_-]?(\d+)$", re.IGNORECASE)
+
+
+def parse_variant(variant):
+    """Returns the ViTConfig for "B/16", "ViT-B/16", "b16" or a ViTConfig (returned as is)."""
+    if isinstance(variant, ViTConfig):
+        return variant
+    if not isinstance(variant, str):
+        raise TypeError(f"variant must be a string such as 'B/16' or a ViTConfig, got {variant!r}.")
+    match = _VARIANT_PATTERN.match(variant.strip())
+    canonical = None
+    if match:
+        size = {"ti": "Ti"}.get(match.group(1).lower(), match.group(1).upper())
+        canonical = f"{size}/{int(match.group(2))}"
+    if canonical not in VARIANTS:
+        raise ValueError(
+            f"Unknown ViT variant {variant!r}. Expected one of {', '.join(VARIANTS)} "
+            "(also written 'ViT-B/16' or 'b16'), or a keras_vit.ViTConfig for a custom size."
+        )
+    size, patch = canonical.split("/")
+    hidden_size, num_layers, num_heads, mlp_dim = SIZES[size]
+    return ViTConfig(int(patch), hidden_size, num_layers, num_heads, mlp_dim)
+
+
+def short_name(config):
+    """"b16" for the B/16 config; "d192_l4_h3_m768_p4" for a custom one. Used in model names."""
+    dims = (config.hidden_size, config.num_layers, config.num_heads, config.mlp_dim)
+    for size, size_dims in SIZES.items():
+        if size_dims == dims:
+            return f"{size.lower()}{config.patch_size}"
+    return (
+        f"d{config.hidden_size}_l{config.num_layers}_h{config.num_heads}"
+        f"_m{config.mlp_dim}_p{config.patch_size}"
+    )
