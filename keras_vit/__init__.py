@@ -16,6 +16,7 @@ from keras_vit.layers import (
     TokenPooling,
     TransformerBlock,
 )
+from keras_vit.loading import load_classifier, read_class_names, write_class_names
 from keras_vit.model import attention_model, create_model
 from keras_vit.posemb import resample as resample_position_embedding
 from keras_vit.variants import VARIANTS, ViTConfig, parse_variant
