@@ -1,0 +1,333 @@
+"""`build_dataset`: the tf.data input pipeline for training and evaluation.
+
+Training: shard files per input pipeline, shuffle files, parallel interleave, shuffle records,
+parallel decode of an Inception crop (only the crop window of a JPEG is decoded), flip, resize,
+optional RandAugment, repeat, fixed-shape batches, optional mixup, prefetch.
+Evaluation: every example exactly once, `preprocess_for_eval`, a final partial batch.
+
+Bad data is never dropped without a count: see `BadRecordCounter`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import struct
+
+import tensorflow as tf
+from absl import logging
+
+from pipelines import augment, info as info_lib, preprocess, records
+
+AUTOTUNE = tf.data.AUTOTUNE
+_BAD_RECORD_MODES = ("skip", "fail")
+
+
+class CorruptShardError(ValueError):
+    """A TFRecord shard is truncated or its record framing is corrupt."""
+
+
+class BadRecordCounter:
+    """Counts the records a pipeline skipped (`on_bad_record="skip"`).
+
+    Two kinds of bad data are counted:
+    * broken shards (truncated file, corrupt record framing), found when the pipeline is built;
+      the complete records before the break are still read. Listed in `shard_errors`.
+    * records whose Example cannot be parsed or whose image cannot be decoded; each is logged
+      (absl/TF warning with the shard's file name) and counted as `seen - delivered`.
+
+    `count` is exact once an iterator is exhausted (eval); while training it may lag by the few
+    records in flight inside the parallel decode.
+    """
+
+    def __init__(self):
+        with tf.init_scope(), tf.device("/cpu:0"):
+            self._seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_seen")
+            self._delivered = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_ok")
+        self.shard_errors: dict[str, tuple[str, int]] = {}
+
+    def add_shard_error(self, path: str, message: str, num_lost: int) -> None:
+        self.shard_errors[path] = (message, num_lost)
+
+    @property
+    def num_bad_records(self) -> int:
+        return int(self._seen.numpy() - self._delivered.numpy())
+
+    @property
+    def count(self) -> int:
+        """Total skipped records: undecodable records plus records lost in broken shards."""
+        return self.num_bad_records + sum(n for _, n in self.shard_errors.values())
+
+    def _mark_seen(self, *element):
+        with tf.control_dependencies([self._seen.assign_add(1)]):
+            return tf.nest.map_structure(tf.identity, element)
+
+    def _mark_delivered(self):
+        return self._delivered.assign_add(1)
+
+
+def shard_files(files: list[str], input_context) -> list[str]:
+    """The files of one input pipeline: `files[pipeline_id::num_pipelines]` (all when no context)."""
+    if input_context is None or input_context.num_input_pipelines <= 1:
+        return list(files)
+    return list(files[input_context.input_pipeline_id :: input_context.num_input_pipelines])
+
+
+def scan_shard(path: str) -> tuple[int, str | None]:
+    """Walks a TFRecord file's record framing without reading the payloads.
+
+    Returns `(number of complete records, None)` or `(records before the break, error message)`.
+    Record layout: uint64 length, uint32 crc, `length` bytes, uint32 crc.
+    """
+    size = tf.io.gfile.stat(path).length
+    count = pos = 0
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while pos < size:
+            if pos + 12 > size:
+                return count, f"truncated record header at byte {pos} of {size}"
+            f.seek(pos)
+            (length,) = struct.unpack("<Q", f.read(8))
+            end = pos + 12 + length + 4
+            if end > size:
+                return count, (
+                    f"record {count} at byte {pos} claims {length} bytes but the file ends at "
+                    f"byte {size} (truncated or corrupt)"
+                )
+            pos = end
+            count += 1
+    return count, None
+
+
+def _check_shards(files, counts, on_bad_record, counter, num_threads=8):
+    """Returns per-file record limits (-1 = all); handles broken shards per `on_bad_record`."""
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        scans = list(pool.map(scan_shard, files))
+    limits = []
+    for path, (num_ok, error) in zip(files, scans):
+        if error is None:
+            limits.append(-1)
+            continue
+        if on_bad_record == "fail":
+            raise CorruptShardError(
+                f"TFRecord shard {path} is broken after {num_ok} complete records: {error}. "
+                "Re-create it with tools/convert_data.py, or pass on_bad_record='skip' to read "
+                "the complete records and count the rest as skipped."
+            )
+        num_lost = max(counts.get(path, num_ok + 1) - num_ok, 1)
+        logging.warning("Skipping %d record(s) of broken shard %s (%s); reading its first %d.",
+                        num_lost, path, error, num_ok)
+        counter.add_shard_error(path, error, num_lost)
+        limits.append(num_ok)
+    return limits
+
+
+def _tfrecord_elements(files, limits, training, deterministic, shuffle_seed):
+    """Dataset of `(serialized Example, shard file name)`."""
+    ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(limits, tf.int64)))
+    if training:
+        ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+
+    def read(path, limit):
+        return tf.data.TFRecordDataset(path, buffer_size=8 << 20).take(limit).map(
+            lambda r: (r, path)
+        )
+
+    return ds.interleave(
+        read,
+        cycle_length=min(len(files), 16),
+        block_length=1,
+        num_parallel_calls=AUTOTUNE,
+        deterministic=deterministic or not training,
+    )
+
+
+def _parse_tfrecord(serialized, path):
+    features = records.parse_example(serialized)
+    return features[records.IMAGE_ENCODED], features[records.LABEL], path
+
+
+def _tfds_elements(name, split, training, input_context, tfds_data_dir, shuffle_seed):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=tfds_data_dir)
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=shuffle_seed)
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=training,
+        decoders={image_key: tfds.decode.SkipDecoding()},
+        read_config=read_config,
+    )
+    context = f"tfds:{name}/{split}"
+    return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64), context))
+
+
+def build_dataset(
+    source,
+    *,
+    split: str,
+    image_size: int,
+    batch_size: int,
+    input_context: tf.distribute.InputContext | None = None,
+    training: bool | None = None,
+    num_classes: int | None = None,
+    label_offset: int | None = None,
+    shuffle_buffer: int = 10_000,
+    deterministic: bool = False,
+    cache: bool = False,
+    repeat: bool | int | None = None,
+    randaugment: str | None = None,
+    mixup_alpha: float = 0.0,
+    central_crop_fraction: float | None = None,
+    on_bad_record: str = "skip",
+    tfds_data_dir: str | None = None,
+    seed: int | None = None,
+    bad_record_counter: BadRecordCounter | None = None,
+    check_shards: bool = True,
+) -> tf.data.Dataset:
+    """Builds the input pipeline of one split.
+
+    Args:
+      source: a TFRecord file pattern, a directory written by `pipelines.convert`, or `tfds:NAME`.
+      split: `"train"`, `"test"`, ... (selects `{split}-*` shards of a directory).
+      image_size: output side in pixels.
+      batch_size: examples per batch. With `input_context` this is the PER-REPLICA batch size:
+        pass `input_context.get_per_replica_batch_size(global_batch_size)`.
+      input_context: from `strategy.distribute_datasets_from_function`; files are sharded
+        `files[input_pipeline_id::num_input_pipelines]` (records when there are fewer files than
+        input pipelines).
+      training: random crop/flip, shuffle, repeat, drop remainder. Default `split == "train"`.
+      num_classes: labels must lie in `[0, num_classes)`; default from dataset_info.json.
+      label_offset: subtracted from stored labels (1 for Model Garden's 1-based ImageNet shards);
+        default from dataset_info.json, else 0.
+      shuffle_buffer: records in the shuffle buffer (training).
+      deterministic: the same batches on every run: seeded shuffles/augmentation (`seed` or 0)
+        and deterministic parallel ops. RandAugment/mixup use Keras seeds and are not covered.
+      cache: cache the serialized records in memory (small datasets); augmentation stays random.
+      repeat: True/False or a count; default: forever when training, once otherwise.
+      randaugment: `"num_layers,magnitude"` such as `"2,15"`, or None.
+      mixup_alpha: > 0 mixes batches (training only); labels become float32 `(batch, num_classes)`.
+      central_crop_fraction: eval only, see `preprocess_for_eval`.
+      on_bad_record: `"skip"` counts (see `BadRecordCounter`), logs and skips corrupt records and
+        undecodable images; `"fail"` raises naming the shard. Out-of-range labels always raise.
+      tfds_data_dir: for `tfds:NAME`.
+      seed: base seed of shuffles and augmentation.
+      bad_record_counter: a counter to update; a new one is made otherwise. Either way it is
+        available as `dataset.bad_records`.
+      check_shards: walk each shard's record framing when building, to find truncated files.
+
+    Returns:
+      A dataset of `(images float32 (batch, image_size, image_size, 3) in [0, 255],
+      labels int32 (batch,))`, or float32 `(batch, num_classes)` soft labels with mixup.
+      Training batches have a fixed batch dimension.
+    """
+    if on_bad_record not in _BAD_RECORD_MODES:
+        raise ValueError(f"on_bad_record must be one of {_BAD_RECORD_MODES}, got {on_bad_record!r}.")
+    source = os.fspath(source)
+    training = split == "train" if training is None else training
+    repeat = training if repeat is None else repeat
+    if seed is None and deterministic:
+        seed = 0
+    counter = bad_record_counter or BadRecordCounter()
+    mixup_alpha = mixup_alpha if training else 0.0
+
+    if source.startswith(info_lib.TFDS_PREFIX):
+        name = source[len(info_lib.TFDS_PREFIX):]
+        info = info_lib.load_dataset_info(source, tfds_data_dir)
+        elements = _tfds_elements(name, split, training, input_context, tfds_data_dir, seed)
+        parse = lambda image_bytes, label, context: (image_bytes, label, context)  # noqa: E731
+        record_shard = None
+    else:
+        all_files, info = info_lib.resolve_shards(source, split)
+        files = shard_files(all_files, input_context)
+        record_shard = None
+        if input_context is not None and input_context.num_input_pipelines > len(all_files):
+            logging.warning(
+                "%d shards for %d input pipelines: every pipeline reads all files and keeps every "
+                "%d-th record. Convert with --num_shards >= %d to shard by file.",
+                len(all_files), input_context.num_input_pipelines,
+                input_context.num_input_pipelines, input_context.num_input_pipelines)
+            files, record_shard = list(all_files), input_context
+        counts = info_lib.expected_counts(files, info, split)
+        limits = (
+            _check_shards(files, counts, on_bad_record, counter) if check_shards else [-1] * len(files)
+        )
+        elements = _tfrecord_elements(files, limits, training, deterministic, seed)
+        parse = _parse_tfrecord
+    if record_shard is not None:
+        elements = elements.shard(record_shard.num_input_pipelines, record_shard.input_pipeline_id)
+
+    info = info or {}
+    if num_classes is None:
+        num_classes = info.get("num_classes")
+    if label_offset is None:
+        label_offset = info.get("label_offset", 0)
+    if mixup_alpha > 0 and not num_classes:
+        raise ValueError("mixup_alpha > 0 needs num_classes (no dataset_info.json gives it).")
+
+    ds = elements
+    if cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat is True:
+        ds = ds.repeat()
+    elif repeat not in (False, None, 0, 1):
+        ds = ds.repeat(int(repeat))
+    ds = ds.map(counter._mark_seen)
+
+    def decode_train(element, seed_pair):
+        image_bytes, label, context = parse(*element)
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed_pair, 2))
+        image = augment.decode_and_random_crop(image_bytes, crop_seed, context)
+        image = augment.random_flip(preprocess.resize(image, image_size), flip_seed)
+        return image, label, context
+
+    def decode_eval(*element):
+        image_bytes, label, context = parse(*element)
+        image = preprocess.preprocess_for_eval(
+            image_bytes, image_size, central_crop_fraction, context=context
+        )
+        return image, label, context
+
+    if training:
+        seeds = tf.data.Dataset.random(seed=seed).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            decode_train, num_parallel_calls=AUTOTUNE, deterministic=deterministic
+        )
+    else:
+        ds = ds.map(decode_eval, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if on_bad_record == "skip":
+        ds = ds.ignore_errors(log_warning=True)
+
+    def check_label(image, label, context):
+        label = label - label_offset
+        conditions = [tf.greater_equal(label, 0)]
+        if num_classes:
+            conditions.append(tf.less(label, num_classes))
+        assertion = tf.debugging.Assert(
+            tf.reduce_all(tf.stack(conditions)),
+            [f"label outside [0, {num_classes}) (after label_offset={label_offset}) in shard",
+             context, "label:", label],
+        )
+        with tf.control_dependencies([assertion, counter._mark_delivered()]):
+            return tf.identity(image), tf.cast(label, tf.int32)
+
+    ds = ds.map(check_label, num_parallel_calls=AUTOTUNE, deterministic=deterministic or not training)
+
+    randaug = augment.make_randaugment(randaugment, seed) if training else None
+    if randaug is not None:
+        ds = ds.map(
+            lambda image, label: (tf.cast(randaug(image, training=True), tf.float32), label),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=deterministic,
+        )
+    ds = ds.batch(batch_size, drop_remainder=training)
+    if mixup_alpha > 0:
+        ds = ds.map(augment.make_mixup(mixup_alpha, num_classes, seed), num_parallel_calls=AUTOTUNE)
+
+    options = tf.data.Options()
+    options.deterministic = bool(deterministic or not training)
+    ds = ds.with_options(options).prefetch(AUTOTUNE)
+    ds.bad_records = counter
+    return ds
