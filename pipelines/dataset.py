@@ -3,7 +3,8 @@
 Training: shard files per input pipeline, shuffle files, parallel interleave, shuffle records,
 parallel decode of an Inception crop (only the crop window of a JPEG is decoded), flip, resize,
 optional RandAugment, repeat, fixed-shape batches, optional mixup, prefetch.
-Evaluation: every example exactly once, `preprocess_for_eval`, a final partial batch.
+Evaluation: every example exactly once, in the order of the (sorted) shards and of the records
+within them, `preprocess_for_eval`, a final partial batch.
 
 Bad data is never dropped without a count: see `BadRecordCounter`.
 """
@@ -132,12 +133,14 @@ def _tfrecord_elements(files, limits, training, deterministic, shuffle_seed):
             lambda r: (r, path)
         )
 
+    if not training:  # shard after shard: eval sees the examples in the order they were written
+        return ds.flat_map(read)
     return ds.interleave(
         read,
         cycle_length=min(len(files), 16),
         block_length=1,
         num_parallel_calls=AUTOTUNE,
-        deterministic=deterministic or not training,
+        deterministic=deterministic,
     )
 
 

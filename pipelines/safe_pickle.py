@@ -17,6 +17,11 @@ _ALLOWED_GLOBALS = {
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    # Protocol 2 pickles written by Python 3 spell bytes as _codecs.encode(str, "latin1"), a pure function.
+    ("_codecs", "encode"),
+    # Protocol 5 array pickles rebuild from a buffer.
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
 }
 
 
