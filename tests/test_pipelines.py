@@ -45,3 +45,143 @@ def test_train_batches_have_fixed_shape(digits_dir):
     for x, y in ds.take(3):
         assert x.dtype == tf.float32 and y.dtype == tf.int32
         assert 0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 255
+
+
+# ----------------------------------------------------------------------------- bad data
+
+import io
+import json
+import os
+
+from PIL import Image
+
+from pipelines import records
+
+
+def png(value):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(path, items):
+    """items: (image bytes or raw record bytes, label); raw when label is None."""
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for data, label in items:
+            writer.write(data if label is None else records.encode_example(
+                data, image_format="png", label=label, height=4, width=4))
+
+
+def write_info(directory, shards, num_classes=10):
+    info = {"source": "test", "class_names": [str(i) for i in range(num_classes)],
+            "num_classes": num_classes, "label_offset": 0,
+            "splits": {"test": {"num_examples": sum(n for _, n in shards),
+                                "shards": [{"file": f, "num_examples": n} for f, n in shards]}}}
+    (directory / "dataset_info.json").write_text(json.dumps(info))
+
+
+@pytest.fixture
+def bad_dir(tmp_path):
+    """Shard 0: 5 good records; shard 1: 3 good, garbage image bytes, a non-Example record."""
+    write_shard(tmp_path / "test-00000-of-00002.tfrecord", [(png(i), i) for i in range(5)])
+    write_shard(tmp_path / "test-00001-of-00002.tfrecord",
+                [(png(5), 5), (b"garbage, not an image", 6), (png(7), 7),
+                 (b"\x0a\xff\xff not a proto", None), (png(8), 8)])
+    write_info(tmp_path, [("test-00000-of-00002.tfrecord", 5), ("test-00001-of-00002.tfrecord", 5)])
+    return tmp_path
+
+
+def test_skip_counts_bad_records(bad_dir):
+    ds = pipelines.build_dataset(bad_dir, split="test", image_size=4, batch_size=3)
+    images, labels = collect(ds)
+    assert labels.tolist() == [0, 1, 2, 3, 4, 5, 7, 8]
+    np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 1, 2, 3, 4, 5, 7, 8])
+    assert ds.bad_records.count == 2
+
+
+def test_fail_raises_naming_the_shard(bad_dir):
+    ds = pipelines.build_dataset(bad_dir, split="test", image_size=4, batch_size=3, on_bad_record="fail")
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="(?s)not a decodable image.*test-00001-of-00002.tfrecord"):
+        collect(ds)
+
+
+def test_truncated_shard(bad_dir):
+    good = bad_dir / "test-00000-of-00002.tfrecord"
+    good.write_bytes(good.read_bytes()[:-10])  # cuts into the 5th record
+    ds = pipelines.build_dataset(bad_dir, split="test", image_size=4, batch_size=4)
+    _, labels = collect(ds)
+    assert labels.tolist() == [0, 1, 2, 3, 5, 7, 8]
+    assert ds.bad_records.count == 3
+    assert list(ds.bad_records.shard_errors) == [str(good)]
+    with pytest.raises(pipelines.CorruptShardError, match="test-00000-of-00002.tfrecord.*truncated"):
+        pipelines.build_dataset(bad_dir, split="test", image_size=4, batch_size=4, on_bad_record="fail")
+
+
+@pytest.mark.parametrize("mode", ["skip", "fail"])
+def test_out_of_range_label_raises_naming_the_shard(tmp_path, mode):
+    write_shard(tmp_path / "test-00000-of-00001.tfrecord", [(png(0), 0), (png(1), 10)])
+    write_info(tmp_path, [("test-00000-of-00001.tfrecord", 2)])
+    ds = pipelines.build_dataset(tmp_path, split="test", image_size=4, batch_size=2, on_bad_record=mode)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"(?s)label outside \[0, 10\).*test-00000-of-00001.tfrecord"):
+        collect(ds)
+    # Model Garden's 1-based labels: label_offset=1 maps 1..10 to 0..9.
+    write_shard(tmp_path / "test-00000-of-00001.tfrecord", [(png(0), 1), (png(1), 10)])
+    ds = pipelines.build_dataset(tmp_path, split="test", image_size=4, batch_size=2, label_offset=1)
+    assert collect(ds)[1].tolist() == [0, 9]
+
+
+# ----------------------------------------------------------------------------- distribution
+
+
+def test_two_input_contexts_see_every_file_once(digits_dir):
+    files, _ = pipelines.info.resolve_shards(str(digits_dir), "train")
+    contexts = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
+    parts = [pipelines.shard_files(files, c) for c in contexts]
+    assert sorted(parts[0] + parts[1]) == sorted(files) and not set(parts[0]) & set(parts[1])
+    # And through the pipeline: the two eval streams together are the whole split, once.
+    seen = []
+    for c in contexts:
+        images, labels = collect(pipelines.build_dataset(
+            digits_dir, split="train", training=False, image_size=32, batch_size=50, input_context=c))
+        seen += [(int(l), float(x.sum())) for x, l in zip(images, labels)]
+    images, labels = collect(pipelines.build_dataset(
+        digits_dir, split="train", training=False, image_size=32, batch_size=50))
+    assert sorted(seen) == sorted((int(l), float(x.sum())) for x, l in zip(images, labels))
+    assert len(seen) == 1438
+
+
+def test_deterministic_mode_gives_identical_batches(digits_dir):
+    def batches(seed):
+        ds = pipelines.build_dataset(digits_dir, split="train", image_size=16, batch_size=16,
+                                     deterministic=True, seed=seed, shuffle_buffer=200)
+        return [(x.numpy(), y.numpy()) for x, y in ds.take(3)]
+
+    first, second, other = batches(1), batches(1), batches(2)
+    for (x1, y1), (x2, y2) in zip(first, second):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(first, other))
+
+
+def test_mixup_randaugment_and_cache(digits_dir):
+    ds = pipelines.build_dataset(digits_dir, split="train", image_size=16, batch_size=8,
+                                 mixup_alpha=0.5, randaugment="2,15", cache=True, seed=0)
+    x, y = next(iter(ds))
+    assert x.shape == (8, 16, 16, 3) and y.shape == (8, 10) and y.dtype == tf.float32
+    np.testing.assert_allclose(y.numpy().sum(1), 1.0, rtol=1e-5)
+    assert 0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 255.0
+
+
+def test_mixup_needs_num_classes_without_dataset_info(digits_dir, tmp_path):
+    import shutil
+
+    shutil.copy(digits_dir / "train-00000-of-00004.tfrecord", tmp_path)
+    pattern = str(tmp_path / "train-*.tfrecord")
+    assert pipelines.describe_source(pattern, "train") == (None, None)
+    with pytest.raises(ValueError, match="mixup_alpha > 0 needs num_classes"):
+        pipelines.build_dataset(pattern, split="train", image_size=16, batch_size=8, mixup_alpha=0.5)
+    ds = pipelines.build_dataset(pattern, split="train", image_size=16, batch_size=8,
+                                 mixup_alpha=0.5, num_classes=10)
+    assert next(iter(ds))[1].shape == (8, 10)
