@@ -1,0 +1,266 @@
+r"""Speed of keras_vit against keras-hub's ViT on this machine (TensorFlow backend).
+
+    python bench/model.py --variant=B/16 --image_size=224 --batch_size=8 --compare=keras_hub
+    python bench/model.py --variant=S/16 --repeats=3                      # quicker
+    python bench/model.py --variant=custom:patch=8,hidden=32,layers=1,heads=2,mlp=64 \
+        --image_size=16 --repeats=2 --warmup=1                             # seconds
+
+In one process, for each precision (float32, then the mixed_bfloat16 policy), builds both
+models and times, alternating round by round after warm-up, the median of `--repeats` calls of:
+  - forward: `model(images, training=False)` under `tf.function` (what `predict` runs);
+  - train: the model's own Keras `train_step` (forward, backward, AdamW update; what `fit`
+    runs) under `tf.function`;
+each with XLA off and on (`jit_compile`), and a (batch·tokens, D) @ (D, mlp_dim) matrix
+multiply in the precision's compute dtype as the machine's reference rate.
+
+FLOP convention (keras_vit.flops): 2 per multiply-add, matrix multiplies only, a training step
+3× a forward; ViT-B/16 at 224 is 35.13 GFLOP per image forward.
+
+Prints one row per case, the best setting of each (implementation, precision, mode), and as
+the last line:
+    speedup_vs_keras_hub fp32_infer=X bf16_infer=Y fp32_train=Z
+(images/s ratios, same precision, each side at its best XLA setting; "n/a" without keras-hub).
+"""
+
+import datetime
+import os
+import platform
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app, flags, logging  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_vit  # noqa: E402
+from keras_vit import flops  # noqa: E402
+
+from config import CUSTOM_EXAMPLE, parse_variant_flag  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
+
+PRECISIONS = {"float32": ("fp32", "float32"), "mixed_bfloat16": ("bf16", "bfloat16")}
+IMPLEMENTATIONS = ("keras_vit", "keras_hub")
+
+_VARIANT = flags.DEFINE_string(
+    "variant", "B/16", f"A keras_vit variant (B/16, S/16, ...) or {CUSTOM_EXAMPLE}.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Square input side in pixels.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per step.")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Width of the classification head.")
+_COMPARE = flags.DEFINE_enum(
+    "compare", "keras_hub", ["keras_hub", "none"],
+    "Also time keras-hub's ViTBackbone + Dense head (needs the keras-hub package).")
+_PRECISIONS = flags.DEFINE_list(
+    "precisions", list(PRECISIONS), f"Keras dtype policies to time, of {list(PRECISIONS)}.")
+_XLA = flags.DEFINE_list("xla", ["off", "on"], "jit_compile settings to time: off, on.")
+_MODES = flags.DEFINE_list("modes", ["infer", "train"], "What to time: infer, train.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds; the median is reported.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls of each case before timing.")
+
+
+def build_keras_hub(config, image_size, num_classes):
+    """keras-hub's ViTBackbone with the same input scaling and a float32 Dense head on the class token."""
+    import keras_hub
+
+    images = keras.Input((image_size, image_size, 3), name="images")
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(images)
+    x = keras_hub.models.ViTBackbone(
+        image_shape=(image_size, image_size, 3),
+        patch_size=config.patch_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        hidden_dim=config.hidden_size,
+        mlp_dim=config.mlp_dim,
+    )(x)
+    x = keras.layers.Dense(num_classes, dtype="float32", name="head")(x[:, 0])
+    return keras.Model(images, x, name="keras_hub_vit")
+
+
+def build(implementation, config, image_size, num_classes):
+    if implementation == "keras_vit":
+        return keras_vit.create_model(config, image_size=image_size, num_classes=num_classes)
+    return build_keras_hub(config, image_size, num_classes)
+
+
+def _compile(model):
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False,
+    )
+
+
+def model_cases(name, model, images, labels, xla_settings, modes):
+    """{case name: callable} for one built model; each call runs one step to completion."""
+    _compile(model)
+    model.train_on_batch(images, labels)  # Builds the optimizer's slots outside any tf.function.
+    cases = {}
+    for xla in xla_settings:
+        if "infer" in modes:
+            forward = tf.function(lambda x, m=model: m(x, training=False), jit_compile=xla)
+            cases[(name, xla, "infer")] = lambda f=forward: f(images).numpy()
+        if "train" in modes:
+            # The model's own train_step, wrapped as Keras's make_train_function wraps it.
+            step = tf.function(model.train_step, jit_compile=xla)
+            cases[(name, xla, "train")] = lambda f=step: f((images, labels))["loss"].numpy()
+    return cases
+
+
+def matmul_cases(config, batch_size, image_size, dtype, xla_settings):
+    """The model's MLP matrix multiply (batch·tokens, D) @ (D, mlp_dim) in `dtype`."""
+    tokens = (image_size // config.patch_size) ** 2 + 1
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.standard_normal((batch_size * tokens, config.hidden_size)), dtype=dtype)
+    b = tf.constant(rng.standard_normal((config.hidden_size, config.mlp_dim)), dtype=dtype)
+    cases = {}
+    for xla in xla_settings:
+        product = tf.function(lambda: tf.matmul(a, b), jit_compile=xla)
+        cases[("matmul", xla, "mlp")] = lambda f=product: f()[0, 0].numpy()
+    return cases
+
+
+def _check_flags():
+    for value in _PRECISIONS.value:
+        if value not in PRECISIONS:
+            raise app.UsageError(f"--precisions: unknown {value!r}; expected some of {list(PRECISIONS)}.")
+    for value in _XLA.value:
+        if value not in ("off", "on"):
+            raise app.UsageError(f"--xla: unknown {value!r}; expected off and/or on.")
+    for value in _MODES.value:
+        if value not in ("infer", "train"):
+            raise app.UsageError(f"--modes: unknown {value!r}; expected infer and/or train.")
+    if _BATCH_SIZE.value < 1 or _REPEATS.value < 1 or _WARMUP.value < 0:
+        raise app.UsageError("--batch_size and --repeats must be >= 1, --warmup >= 0.")
+    try:
+        config = parse_variant_flag(_VARIANT.value)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    if _IMAGE_SIZE.value % config.patch_size:
+        raise app.UsageError(
+            f"--image_size={_IMAGE_SIZE.value} is not a multiple of the patch size {config.patch_size}.")
+    return config
+
+
+def _keras_hub_available():
+    try:
+        import keras_hub  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(config):
+    """Times every case; returns (rows, matmul_gflops) with rows of dicts."""
+    batch, size, classes = _BATCH_SIZE.value, _IMAGE_SIZE.value, _NUM_CLASSES.value
+    xla_settings = [value == "on" for value in _XLA.value]
+    implementations = ["keras_vit"]
+    if _COMPARE.value == "keras_hub":
+        if _keras_hub_available():
+            implementations.append("keras_hub")
+        else:
+            logging.warning("keras-hub is not installed (pip install keras-hub): timing keras_vit only.")
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(0, 255, (batch, size, size, 3)), tf.float32)
+    labels = tf.constant(rng.integers(0, classes, (batch,)), tf.int32)
+    forward = flops.forward_flops(config, image_size=size, num_classes=classes)
+    per_mode = {"infer": forward, "train": flops.training_step_flops(config, image_size=size,
+                                                                      num_classes=classes)}
+    mlp_flops = flops.mlp_matmul_flops(config, batch, image_size=size)
+    rows, matmul_gflops = [], {}
+    for policy in _PRECISIONS.value:
+        short, compute_dtype = PRECISIONS[policy]
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            models = {name: build(name, config, size, classes) for name in implementations}
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        cases = matmul_cases(config, batch, size, compute_dtype, xla_settings)
+        for name, model in models.items():
+            cases.update(model_cases(name, model, images, labels, xla_settings, _MODES.value))
+        logging.info("%s: timing %d cases, %d warm-up + %d rounds", policy, len(cases),
+                     _WARMUP.value, _REPEATS.value)
+        medians = interleaved_medians(
+            cases, repeats=_REPEATS.value, warmup=_WARMUP.value,
+            on_round=lambda index, _: logging.info("%s round %d done", policy, index + 1))
+        mm = max(mlp_flops / seconds for key, seconds in medians.items() if key[0] == "matmul")
+        matmul_gflops[short] = mm / 1e9
+        for (name, xla, mode), seconds in medians.items():
+            work = mlp_flops if name == "matmul" else per_mode[mode] * batch
+            rows.append({
+                "implementation": name, "precision": short, "xla": xla, "mode": mode,
+                "ms": seconds * 1e3, "images_per_s": None if name == "matmul" else batch / seconds,
+                "gflops": work / seconds / 1e9, "percent_of_matmul": 100 * work / seconds / mm,
+            })
+        del models, cases
+        keras.backend.clear_session()
+    return rows, matmul_gflops
+
+
+def best(rows, implementation, precision, mode):
+    """The row with the highest images/s among the XLA settings, or None."""
+    candidates = [r for r in rows if (r["implementation"], r["precision"], r["mode"]) ==
+                  (implementation, precision, mode)]
+    return max(candidates, key=lambda r: r["images_per_s"], default=None)
+
+
+def ratio(numerator, denominator):
+    if numerator is None or denominator is None:
+        return "n/a"
+    return f"{numerator['images_per_s'] / denominator['images_per_s']:.2f}"
+
+
+def format_table(rows):
+    header = f"{'implementation':<15}{'precision':<10}{'xla':<5}{'mode':<7}{'ms/step':>10}" \
+             f"{'images/s':>10}{'GFLOP/s':>10}{'%matmul':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        images = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.2f}"
+        lines.append(
+            f"{r['implementation']:<15}{r['precision']:<10}{'on' if r['xla'] else 'off':<5}"
+            f"{r['mode']:<7}{r['ms']:>10.1f}{images:>10}{r['gflops']:>10.1f}"
+            f"{r['percent_of_matmul']:>8.0f}%")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    config = _check_flags()
+    load_before = os.getloadavg()
+    rows, matmul_gflops = run(config)
+    load_after = os.getloadavg()
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {platform.node()} {os.cpu_count()} CPUs, "
+          f"load average before {load_before[0]:.2f} after {load_after[0]:.2f}; "
+          f"TF {tf.__version__}, Keras {keras.__version__}")
+    print(f"# {config}, image {_IMAGE_SIZE.value}, batch {_BATCH_SIZE.value}, "
+          f"{flops.forward_flops(config, image_size=_IMAGE_SIZE.value, num_classes=_NUM_CLASSES.value) / 1e9:.3f} "
+          f"GFLOP/image forward (2/multiply-add), training step 3x; medians of {_REPEATS.value} "
+          f"alternating rounds; %matmul is of the MLP-shape matmul in the same precision")
+    print(format_table(rows))
+    print()
+    print("best setting of each:")
+    for implementation in IMPLEMENTATIONS:
+        for precision in ("fp32", "bf16"):
+            for mode in ("infer", "train"):
+                row = best(rows, implementation, precision, mode)
+                if row:
+                    print(f"  {implementation:<10} {precision} {mode:<6} xla={'on' if row['xla'] else 'off':<4}"
+                          f"{row['images_per_s']:8.2f} images/s  {row['percent_of_matmul']:4.0f}% of "
+                          f"{matmul_gflops[precision]:.1f} GFLOP/s matmul")
+    own_train = ratio(best(rows, "keras_vit", "bf16", "train"), best(rows, "keras_vit", "fp32", "train"))
+    print(f"keras_vit bf16_train/fp32_train={own_train}")
+    speedups = {
+        key: ratio(best(rows, "keras_vit", precision, mode), best(rows, "keras_hub", precision, mode))
+        for key, precision, mode in (("fp32_infer", "fp32", "infer"), ("bf16_infer", "bf16", "infer"),
+                                     ("fp32_train", "fp32", "train"))
+    }
+    print("speedup_vs_keras_hub " + " ".join(f"{key}={value}" for key, value in speedups.items()))
+
+
+if __name__ == "__main__":
+    app.run(main)

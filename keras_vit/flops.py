@@ -1,0 +1,84 @@
+"""Floating-point operations of a ViT, counted analytically from its shape.
+
+Convention: 2 FLOP per multiply-add, counting only the matrix multiplies (patch projection,
+attention projections, the two attention products, MLP, pre-logits and head). Bias adds,
+LayerNorm, softmax and GELU are O(T·D) per layer against O(T·D²) for the matrix multiplies
+(under 1% for B/16) and are left out, as in the paper's and timm's GFLOP figures. With this
+convention ViT-B/16 at 224 with a 1000-class head is 35.13 GFLOP per image forward.
+
+A training step (forward, backward, update) is counted as 3× the forward: the backward pass
+does two matrix multiplies (input gradient and weight gradient) for each forward one.
+"""
+
+from keras_vit.variants import parse_variant
+
+TRAINING_FLOPS_PER_FORWARD = 3
+
+
+def _image_shape(image_size):
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
+def forward_flops(variant, image_size=224, num_classes=1000, pooling="token",
+                  representation_size=None, channels=3):
+    """FLOP (2 per multiply-add) of one image's forward pass.
+
+    Args:
+        variant: "B/16" etc. or a `keras_vit.ViTConfig`.
+        image_size: side in pixels or (height, width); multiples of the patch size.
+        num_classes: width of the head; 0 or None for a model without a head.
+        pooling: "token" (one class token more) or "gap".
+        representation_size: width of the pre-logits layer, if any.
+        channels: input channels (3 for RGB).
+
+    Returns:
+        An int, FLOP per image.
+    """
+    config = parse_variant(variant)
+    height, width = _image_shape(image_size)
+    patch, hidden, mlp = config.patch_size, config.hidden_size, config.mlp_dim
+    if height % patch or width % patch:
+        raise ValueError(
+            f"image_size {image_size} is not a multiple of the patch size {patch}."
+        )
+    if pooling not in ("token", "gap"):
+        raise ValueError(f"pooling must be 'token' or 'gap', got {pooling!r}.")
+    num_patches = (height // patch) * (width // patch)
+    tokens = num_patches + (1 if pooling == "token" else 0)
+
+    patch_embedding = num_patches * (patch * patch * channels) * hidden
+    per_block = (
+        tokens * hidden * 3 * hidden      # fused query, key, value projection
+        + 2 * tokens * tokens * hidden    # q·kᵀ and probabilities·v, summed over heads
+        + tokens * hidden * hidden        # attention output projection
+        + 2 * tokens * hidden * mlp       # MLP: D -> mlp_dim -> D
+    )
+    width_out = hidden
+    head = 0
+    if representation_size:
+        head += hidden * representation_size
+        width_out = representation_size
+    if num_classes:
+        head += width_out * num_classes
+    multiply_adds = patch_embedding + config.num_layers * per_block + head
+    return 2 * multiply_adds
+
+
+def training_step_flops(variant, **kwargs):
+    """FLOP of one image's training step (forward + backward), 3× `forward_flops`."""
+    return TRAINING_FLOPS_PER_FORWARD * forward_flops(variant, **kwargs)
+
+
+def mlp_matmul_flops(variant, batch_size, image_size=224, pooling="token"):
+    """FLOP of one (batch·tokens, D) @ (D, mlp_dim) matrix multiply: the model's MLP shape.
+
+    Used as the machine's reference rate for the kind of work the model does.
+    """
+    config = parse_variant(variant)
+    height, width = _image_shape(image_size)
+    tokens = (height // config.patch_size) * (width // config.patch_size)
+    tokens += 1 if pooling == "token" else 0
+    return 2 * batch_size * tokens * config.hidden_size * config.mlp_dim
