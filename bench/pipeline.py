@@ -1,0 +1,135 @@
+r"""Input pipeline benchmark on real ImageNet photographs.
+
+Writes JPEG shards (stored as-is) from `../shared/data/imagenet/sample_images` (or scikit-learn's
+two sample images when that is absent), then measures, in one run:
+
+  (a) decode-only: read records + full `decode_jpeg`, no augmentation;
+  (b) the full training pipeline of `pipelines.build_dataset` at --image_size;
+  (c) the eval pipeline (`preprocess_for_eval`), repeated for a steady-state rate;
+
+and prints a table with the ratio b/a. `--threads=1,2` repeats the measurements with tf.data's
+thread pool limited to each size, to show how throughput scales with cores.
+
+    python bench/pipeline.py                      # all 601 images, 224 px, 20 s per measurement
+    python bench/pipeline.py --threads=1,2 --seconds=30
+"""
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import tensorflow as tf  # noqa: E402
+
+import pipelines  # noqa: E402
+from pipelines import records  # noqa: E402
+
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", str(REPO.parent / "shared" / "data" / "imagenet" / "sample_images"),
+    "Folder of JPEGs (named <synset>_<name>.JPEG); scikit-learn's sample images when absent.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Use only the first N images (sorted).")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "Shards to write.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Output side of (b) and (c).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size of (b) and (c).")
+_SECONDS = flags.DEFINE_float("seconds", 20.0, "Timed seconds per measurement (after warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup_batches", 3, "Batches read before timing starts.")
+_THREADS = flags.DEFINE_list("threads", ["0"], "tf.data thread pool sizes to try; 0 = default.")
+_WORK_DIR = flags.DEFINE_string("work_dir", None, "Where to write shards (default: a temp dir).")
+
+
+def _source_folder(work_dir: Path) -> Path:
+    """A class-folder tree of symlinks to the benchmark JPEGs."""
+    data_dir = Path(_DATA_DIR.value)
+    if data_dir.is_dir():
+        files = sorted(p for p in data_dir.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+    else:
+        from sklearn.datasets import _base
+
+        images = Path(_base.__file__).parent / "images"
+        files = sorted(images.glob("*.jpg"))
+        print(f"{data_dir} is absent; using scikit-learn's sample images {[f.name for f in files]}")
+    if _NUM_IMAGES.value:
+        files = files[: _NUM_IMAGES.value]
+    root = work_dir / "images"
+    for f in files:
+        folder = root / f.name.split("_")[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        os.symlink(f.resolve(), folder / f.name)
+    return root
+
+
+def _with_threads(ds, threads):
+    if threads:
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = threads
+        ds = ds.with_options(options)
+    return ds
+
+
+def decode_only(shards, threads):
+    """(a): read + parse + full decode_jpeg, repeated; yields image shapes in batches."""
+    files = tf.data.Dataset.from_tensor_slices(shards).repeat()
+    ds = files.interleave(tf.data.TFRecordDataset, cycle_length=len(shards),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+
+    def decode(serialized):
+        image = tf.io.decode_jpeg(records.parse_example(serialized)[records.IMAGE_ENCODED], channels=3)
+        return tf.shape(image)
+
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(_BATCH_SIZE.value)
+    return _with_threads(ds.prefetch(tf.data.AUTOTUNE), threads)
+
+
+def measure(make_dataset, seconds):
+    """Images/s of iterating `make_dataset()` for `seconds` after a warm-up."""
+    ds = make_dataset()
+    it = iter(ds)
+    for _ in range(_WARMUP.value):
+        next(it)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = next(it)
+        count += int(tf.shape(tf.nest.flatten(batch)[0])[0])
+    return count / (time.perf_counter() - start)
+
+
+def main(argv):
+    del argv
+    with tempfile.TemporaryDirectory() as tmp:
+        work_dir = Path(_WORK_DIR.value or tmp)
+        root = _source_folder(work_dir)
+        out = work_dir / "shards"
+        start = time.perf_counter()
+        info = pipelines.convert(f"folder:{root}", out, split="train",
+                                 num_shards=_NUM_SHARDS.value, verbose=False)
+        num_images = info["splits"]["train"]["num_examples"]
+        print(f"wrote {num_images} JPEGs into {len(info['splits']['train']['shards'])} shards "
+              f"in {time.perf_counter() - start:.1f} s")
+        shards = [str(out / s["file"]) for s in info["splits"]["train"]["shards"]]
+        size, batch = _IMAGE_SIZE.value, _BATCH_SIZE.value
+        rows = []
+        for threads in [int(t) for t in _THREADS.value]:
+            a = measure(lambda: decode_only(shards, threads), _SECONDS.value)
+            b = measure(lambda: _with_threads(pipelines.build_dataset(
+                out, split="train", image_size=size, batch_size=batch,
+                shuffle_buffer=min(num_images, 1000)), threads), _SECONDS.value)
+            c = measure(lambda: _with_threads(pipelines.build_dataset(
+                out, split="train", training=False, repeat=True, image_size=size,
+                batch_size=batch), threads), _SECONDS.value)
+            rows.append((threads or os.cpu_count(), a, b, c))
+        print(f"\ninput pipeline, {num_images} ImageNet JPEGs, {size}px, batch {batch}, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (1 min)")
+        print("| threads | (a) decode-only img/s | (b) train img/s | (c) eval img/s | b/a |")
+        print("|---|---|---|---|---|")
+        for threads, a, b, c in rows:
+            print(f"| {threads} | {a:.0f} | {b:.0f} | {c:.0f} | {b / a:.2f} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
