@@ -1,0 +1,25 @@
+"""Serving: export to TensorFlow Serving SavedModels (`export`) and a client for them (`client`).
+
+    from keras_vit import serving
+    exported = serving.export_classifier(model, "/models/vit", class_names=names)
+
+See docs/serving.md.
+"""
+
+from keras_vit.serving.export import (
+    BYTES_INPUT,
+    CLASS_NAMES_ASSET,
+    OUTPUTS,
+    PIXELS_INPUT,
+    PIXELS_SIGNATURE,
+    SERVING_SIGNATURE,
+    ExportedModel,
+    ExportError,
+    build_archive,
+    existing_versions,
+    export_classifier,
+    generic_class_names,
+    next_version,
+    variables_bytes,
+    weight_bytes,
+)

@@ -1,0 +1,307 @@
+"""Exports a classifier as a TensorFlow Serving SavedModel: versioned, atomic, two signatures.
+
+    EXPORT_DIR/
+      1/                        one immutable version per export (TF Serving serves the highest)
+        saved_model.pb
+        variables/              each weight stored once
+        assets/class_names.txt  one class name per line, index = class
+      2/ ...
+
+Signatures (batch dimension dynamic, -1 in `saved_model_cli`):
+
+    serving_default   image_bytes: string (batch,)  JPEG/PNG/GIF/BMP of any size, decoded and
+                      resized in the graph by `pipelines.preprocess_for_eval`, the evaluation
+                      preprocessing itself
+    predict_pixels    images: float32 (batch, size, size, 3), RGB in [0, 255]
+
+    both return       probabilities  float32 (batch, num_classes)  softmax of the logits
+                      classes        int32   (batch, top_k)        best first
+                      scores         float32 (batch, top_k)        their probabilities
+                      labels         string  (batch, top_k)        their class names
+
+Built with `keras.export.ExportArchive`, without `track(model)`: the archive then tracks the
+variables its endpoints use, once. Tracking the model as well makes Keras 3.15 write every
+variable twice (keras-team/keras#23553), doubling the SavedModel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+import pipelines
+
+SERVING_SIGNATURE = "serving_default"
+PIXELS_SIGNATURE = "predict_pixels"
+BYTES_INPUT = "image_bytes"
+PIXELS_INPUT = "images"
+OUTPUTS = ("probabilities", "classes", "scores", "labels")
+CLASS_NAMES_ASSET = "class_names.txt"
+# Variables may exceed the weights by the checkpoint index (names, shapes, checksums): 10% plus
+# a fixed allowance that only matters for toy models. A duplicated export is 2x.
+MAX_VARIABLE_OVERHEAD = 1.1
+_INDEX_ALLOWANCE_BYTES = 64 * 1024
+_TEMP_PREFIX = ".tmp-export-"
+
+
+class ExportError(ValueError):
+    """The model, class names or export directory do not allow the export asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedModel:
+    """What `export_classifier` wrote."""
+
+    path: str  # EXPORT_DIR/<version>
+    version: int
+    image_size: int
+    num_classes: int
+    top_k: int
+    weight_bytes: int  # the model's weights in memory
+    variables_bytes: int  # the SavedModel's variables/ directory on disk
+
+
+def generic_class_names(num_classes: int) -> list[str]:
+    """"class_0" ... "class_{K-1}", the labels when a model comes without class names."""
+    return [f"class_{index}" for index in range(num_classes)]
+
+
+def existing_versions(export_dir: str) -> list[int]:
+    """The integer version directories under `export_dir`, ascending ([] if it does not exist)."""
+    if not os.path.isdir(export_dir):
+        return []
+    return sorted(
+        int(name) for name in os.listdir(export_dir)
+        if re.fullmatch(r"\d+", name) and os.path.isdir(os.path.join(export_dir, name))
+    )
+
+
+def next_version(export_dir: str) -> int:
+    """One more than the highest version in `export_dir`, 1 for a new one.
+
+    TF Serving serves the highest version by default, so a new export must sort last.
+    """
+    versions = existing_versions(export_dir)
+    return versions[-1] + 1 if versions else 1
+
+
+def weight_bytes(model: keras.Model) -> int:
+    """Bytes of the model's weights (each variable once)."""
+    unique = {id(variable): variable for variable in model.weights}
+    return sum(
+        int(variable.numpy().nbytes) for variable in unique.values()
+    )
+
+
+def variables_bytes(saved_model_dir: str) -> int:
+    """Bytes of a SavedModel's `variables/` directory (data shards and index)."""
+    directory = os.path.join(saved_model_dir, "variables")
+    return sum(
+        os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory)
+    )
+
+
+def _square_image_size(model: keras.Model) -> int:
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[-1] != 3 or shape[1] is None or shape[1] != shape[2]:
+        raise ExportError(
+            f"Expected a model taking square RGB images (batch, size, size, 3); {model.name} "
+            f"takes {shape}. The serving signature resizes to a square, as the eval pipeline does."
+        )
+    return int(shape[1])
+
+
+def _check_class_names(class_names, num_classes: int) -> list[str]:
+    if class_names is None:
+        return generic_class_names(num_classes)
+    class_names = [str(name) for name in class_names]
+    if len(class_names) != num_classes:
+        raise ExportError(
+            f"{len(class_names)} class names for a model with {num_classes} outputs; pass one name "
+            "per output (or none for generic class_<i> labels)."
+        )
+    for index, name in enumerate(class_names):
+        if not name or "\n" in name or "\r" in name:
+            raise ExportError(
+                f"Class name {index} is {name!r}: names are stored one per line in "
+                f"{CLASS_NAMES_ASSET}, so each must be non-empty and on one line."
+            )
+    return class_names
+
+
+def _label_table(class_names_path: str) -> tf.lookup.StaticHashTable:
+    """class index (int64) -> class name, read from `class_names_path` (saved as an asset)."""
+    initializer = tf.lookup.TextFileInitializer(
+        class_names_path,
+        key_dtype=tf.int64,
+        key_index=tf.lookup.TextFileIndex.LINE_NUMBER,
+        value_dtype=tf.string,
+        value_index=tf.lookup.TextFileIndex.WHOLE_LINE,
+    )
+    return tf.lookup.StaticHashTable(initializer, default_value="")
+
+
+def build_archive(
+    model: keras.Model,
+    class_names_path: str,
+    *,
+    top_k: int,
+    central_crop_fraction: float | None = None,
+) -> keras.export.ExportArchive:
+    """An `ExportArchive` holding `model` behind the two serving signatures.
+
+    Args:
+        model: a classifier taking float32 (batch, size, size, 3) images in [0, 255] and
+            returning logits (batch, num_classes), as `keras_vit.create_model` builds.
+        class_names_path: text file with one class name per line; becomes the SavedModel asset
+            the `labels` output reads.
+        top_k: number of best classes in `classes`, `scores` and `labels`, at most num_classes.
+        central_crop_fraction: passed to `pipelines.preprocess_for_eval`; must match the
+            evaluation pipeline the model was measured with (None: the whole image).
+    """
+    image_size = _square_image_size(model)
+    table = _label_table(class_names_path)
+
+    def classify(images):
+        logits = model(images, training=False)
+        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        scores, classes = tf.math.top_k(probabilities, k=top_k)
+        return {
+            "probabilities": probabilities,
+            "classes": tf.cast(classes, tf.int32),
+            "scores": scores,
+            "labels": table.lookup(tf.cast(classes, tf.int64)),
+        }
+
+    def preprocess(args):
+        image_bytes, index = args
+        context = tf.strings.format(BYTES_INPUT + "[{}]", index)
+        return pipelines.preprocess_for_eval(
+            image_bytes, image_size, central_crop_fraction, context=context
+        )
+
+    def serve_image_bytes(image_bytes):
+        indices = tf.range(tf.shape(image_bytes, out_type=tf.int64)[0])
+        images = tf.map_fn(
+            preprocess,
+            (image_bytes, indices),
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+        )
+        return classify(images)
+
+    archive = keras.export.ExportArchive()
+    # The table is a resource the signatures capture; tracking it saves it with its asset.
+    archive.track(table)
+    # serving_default first and by name, so Keras does not alias the first endpoint to it.
+    archive.add_endpoint(
+        SERVING_SIGNATURE,
+        serve_image_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)],
+    )
+    archive.add_endpoint(
+        PIXELS_SIGNATURE,
+        classify,
+        input_signature=[
+            tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=PIXELS_INPUT)
+        ],
+    )
+    return archive
+
+
+def export_classifier(
+    model: keras.Model,
+    export_dir: str,
+    *,
+    class_names=None,
+    version: int | None = None,
+    top_k: int = 5,
+    central_crop_fraction: float | None = None,
+) -> ExportedModel:
+    """Writes `model` as SavedModel version `version` under `export_dir`, atomically.
+
+    The SavedModel is written to a hidden temporary directory inside `export_dir` (TF Serving
+    only looks at integer names) and renamed to `export_dir/<version>` when complete, so a
+    serving process polling `export_dir` never loads half a model.
+
+    Args:
+        model: the classifier, see `build_archive`. Needs the TensorFlow backend.
+        export_dir: the model base path TF Serving watches; created if missing.
+        class_names: one name per output, or None for "class_0", "class_1", ...
+        version: positive integer; default: `next_version(export_dir)`. Never overwritten.
+        top_k: best classes returned per image; capped at the number of classes.
+        central_crop_fraction: see `build_archive`.
+
+    Returns:
+        An `ExportedModel` describing what was written.
+
+    Raises:
+        ExportError: non-square model, class names not matching the head, a version that
+            exists, or variables larger than the weights allow (duplicated variables).
+    """
+    if keras.backend.backend() != "tensorflow":
+        raise ExportError(
+            f"Export needs the TensorFlow backend (the serving graph decodes images with TF "
+            f"ops); KERAS_BACKEND is {keras.backend.backend()!r}. Run with KERAS_BACKEND=tensorflow."
+        )
+    num_classes = int(model.output_shape[-1])
+    class_names = _check_class_names(class_names, num_classes)
+    if top_k < 1:
+        raise ExportError(f"top_k must be a positive integer, got {top_k}.")
+    if top_k > num_classes:
+        logging.info("top_k=%d capped at the model's %d classes.", top_k, num_classes)
+        top_k = num_classes
+    if version is None:
+        version = next_version(export_dir)
+    elif not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ExportError(f"version must be a positive integer, got {version!r}.")
+    final_path = os.path.join(export_dir, str(version))
+    if os.path.exists(final_path):
+        raise ExportError(
+            f"{final_path} already exists. Versions are immutable (a server may be serving it): "
+            f"choose another version or omit it to use the next free one "
+            f"({next_version(export_dir)})."
+        )
+
+    os.makedirs(export_dir, exist_ok=True)
+    temp_path = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=export_dir)
+    try:
+        with tempfile.TemporaryDirectory() as names_dir:
+            class_names_path = os.path.join(names_dir, CLASS_NAMES_ASSET)
+            with open(class_names_path, "w", encoding="utf-8") as stream:
+                stream.write("\n".join(class_names) + "\n")
+            archive = build_archive(
+                model, class_names_path, top_k=top_k,
+                central_crop_fraction=central_crop_fraction,
+            )
+            archive.write_out(temp_path, verbose=False)
+        stored = variables_bytes(temp_path)
+        weights = weight_bytes(model)
+        if stored > MAX_VARIABLE_OVERHEAD * weights + _INDEX_ALLOWANCE_BYTES:
+            raise ExportError(
+                f"The SavedModel's variables take {stored} bytes for {weights} bytes of weights "
+                f"(more than {MAX_VARIABLE_OVERHEAD}x): variables were saved more than once "
+                "(keras-team/keras#23553). Do not track the whole model in the ExportArchive."
+            )
+        # rename() is atomic within a file system; it fails if a non-empty version appeared.
+        os.rename(temp_path, final_path)
+    except BaseException:
+        shutil.rmtree(temp_path, ignore_errors=True)
+        raise
+    logging.info("Exported %s: %d bytes of variables for %d bytes of weights.",
+                 final_path, stored, weights)
+    return ExportedModel(
+        path=final_path,
+        version=version,
+        image_size=_square_image_size(model),
+        num_classes=num_classes,
+        top_k=top_k,
+        weight_bytes=weights,
+        variables_bytes=stored,
+    )

@@ -1,0 +1,79 @@
+r"""Exports a trained classifier for TensorFlow Serving: EXPORT_DIR/<version>/ SavedModel.
+
+    python tools/export.py --model_dir=/tmp/vit_digits --export_dir=/models/vit
+    python tools/export.py --checkpoint=ViT-B_16.npz --num_classes=1000 \
+        --class_names=imagenet_classes.txt --export_dir=/models/vit --version=7 --top_k=5
+
+Signatures `serving_default` (image_bytes: encoded images) and `predict_pixels` (images:
+float32 pixels in [0, 255]); see docs/serving.md for serving and querying it.
+"""
+
+import json
+import os
+import sys
+
+# The serving graph decodes images with TF ops: export runs on the TensorFlow backend.
+os.environ["KERAS_BACKEND"] = "tensorflow"
+
+from absl import app, flags, logging  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras_vit  # noqa: E402
+from keras_vit import serving  # noqa: E402
+
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None, "Training model directory (model.keras, class_names.json).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A .keras file or an .npz checkpoint.")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None, "Model base path TF Serving watches; versions go below it.", required=True)
+_VERSION = flags.DEFINE_integer("version", None, "Version number. Default: the next free one.")
+_TOP_K = flags.DEFINE_integer("top_k", 5, "Best classes returned per image.")
+_CLASS_NAMES = flags.DEFINE_string(
+    "class_names", None, "JSON list or one-name-per-line file; overrides the model's names.")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, ".npz only: input size (position embeddings are resampled).")
+_NUM_CLASSES = flags.DEFINE_integer(
+    "num_classes", None, ".npz only: attach a new zero head of this many classes.")
+_CENTRAL_CROP_FRACTION = flags.DEFINE_float(
+    "central_crop_fraction", None,
+    "Central crop of the eval preprocessing (e.g. 0.875); match the evaluation you measured.")
+
+
+def main(argv):
+    del argv
+    if bool(_MODEL_DIR.value) == bool(_CHECKPOINT.value):
+        raise app.UsageError("Pass exactly one of --model_dir or --checkpoint.")
+    source = _MODEL_DIR.value or _CHECKPOINT.value
+    if _MODEL_DIR.value and not os.path.isdir(_MODEL_DIR.value):
+        raise app.UsageError(f"--model_dir={_MODEL_DIR.value} is not a directory.")
+    model, class_names = keras_vit.load_classifier(
+        source,
+        image_size=_IMAGE_SIZE.value,
+        num_classes=_NUM_CLASSES.value,
+        class_names_path=_CLASS_NAMES.value,
+    )
+    if class_names is None:
+        logging.warning("No class names found for %s: labels will be class_0, class_1, ...", source)
+    exported = serving.export_classifier(
+        model,
+        _EXPORT_DIR.value,
+        class_names=class_names,
+        version=_VERSION.value,
+        top_k=_TOP_K.value,
+        central_crop_fraction=_CENTRAL_CROP_FRACTION.value,
+    )
+    print(json.dumps({
+        "export_path": exported.path,
+        "version": exported.version,
+        "signatures": [serving.SERVING_SIGNATURE, serving.PIXELS_SIGNATURE],
+        "image_size": exported.image_size,
+        "num_classes": exported.num_classes,
+        "top_k": exported.top_k,
+        "weight_bytes": exported.weight_bytes,
+        "variables_bytes": exported.variables_bytes,
+    }))
+
+
+if __name__ == "__main__":
+    app.run(main)
