@@ -1,0 +1,112 @@
+r"""Evaluates a classifier on a dataset: top-1, top-5, per-class accuracy, images/s.
+
+    python tools/evaluate.py --checkpoint=/tmp/run --data=/tmp/digits --split=test
+    python tools/evaluate.py --checkpoint=ViT-B_16.npz --image_size=384 --data=tfds:imagenet2012 \
+        --split=validation --batch_size=256 --strategy=mirrored --output=results.json \
+        --confusion_png=confusion.png
+
+Every example of the split is seen exactly once (the final partial batch is padded, and the
+padding is not counted). See docs/analysis.md.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pipelines  # noqa: E402
+from keras_vit import evaluation, load_classifier  # noqa: E402
+from keras_vit.analysis import figures  # noqa: E402
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A .keras file, an .npz checkpoint or a training model directory.",
+    required=True)
+_DATA = flags.DEFINE_string(
+    "data", None, "TFRecord directory or file pattern (tools/convert_data.py), or tfds:NAME.",
+    required=True)
+_SPLIT = flags.DEFINE_string("split", "test", "The split to evaluate (ImageNet: validation).")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "Input side in pixels. Default: the model's. For an .npz another size "
+    "resamples the position embeddings.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Global batch size (all replicas).")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+_CONFUSION_PNG = flags.DEFINE_string("confusion_png", None, "Draw the confusion matrix here.")
+_LABELS = flags.DEFINE_string("labels", None, "Class names: JSON list or one name per line.")
+_LABEL_OFFSET = flags.DEFINE_integer(
+    "label_offset", None, "Subtracted from stored labels (1 for 1-based Model Garden ImageNet "
+    "shards). Default: from dataset_info.json, else 0.")
+_CENTRAL_CROP = flags.DEFINE_float(
+    "central_crop_fraction", None, "Keep this central fraction of each side before resizing.")
+_ON_BAD_RECORD = flags.DEFINE_enum(
+    "on_bad_record", "skip", ["skip", "fail"], "Skip and count undecodable records, or stop.")
+_STRATEGY = flags.DEFINE_enum(
+    "strategy", "default", list(evaluation.STRATEGIES), "tf.distribute strategy.")
+_TPU = flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu.")
+_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "Data dir of prepared TFDS datasets.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {argv[1:]}; all options are --flags.")
+    strategy = evaluation.create_strategy(_STRATEGY.value, _TPU.value)
+    with strategy.scope():
+        model, class_names = load_classifier(
+            _CHECKPOINT.value, image_size=_IMAGE_SIZE.value, class_names_path=_LABELS.value)
+    image_size = int(model.input_shape[1])
+    if _IMAGE_SIZE.value and _IMAGE_SIZE.value != image_size:
+        raise app.UsageError(
+            f"--image_size={_IMAGE_SIZE.value} but {_CHECKPOINT.value} takes {image_size}-pixel "
+            "images; a saved Keras model has a fixed input size (only an .npz can be resampled).")
+    num_classes = int(model.output_shape[-1])
+    data_class_names, expected = pipelines.describe_source(
+        _DATA.value, _SPLIT.value, _TFDS_DATA_DIR.value)
+    if data_class_names is not None and len(data_class_names) > num_classes:
+        raise app.UsageError(
+            f"{_DATA.value} has {len(data_class_names)} classes but the model's head has "
+            f"{num_classes} outputs; evaluate with a model trained on this dataset.")
+    class_names = evaluation.resolve_class_names(
+        num_classes, class_names or (data_class_names if data_class_names and
+                                     len(data_class_names) == num_classes else None))
+
+    bad_record_counters = []
+
+    def dataset_fn(input_context):
+        batch_size = input_context.get_per_replica_batch_size(_BATCH_SIZE.value)
+        dataset = pipelines.build_dataset(
+            _DATA.value, split=_SPLIT.value, image_size=image_size, batch_size=batch_size,
+            input_context=input_context, training=False, num_classes=num_classes,
+            label_offset=_LABEL_OFFSET.value, central_crop_fraction=_CENTRAL_CROP.value,
+            on_bad_record=_ON_BAD_RECORD.value, tfds_data_dir=_TFDS_DATA_DIR.value)
+        bad_record_counters.append(dataset.bad_records)
+        return dataset.map(lambda images, labels: evaluation.pad_batch(images, labels, batch_size))
+
+    counts, stats = evaluation.evaluate(model, dataset_fn, strategy=strategy,
+                                        num_classes=num_classes)
+    skipped = sum(counter.count for counter in bad_record_counters)
+    summary = counts.summary(class_names)
+    per_class = summary.pop("per_class")
+    results = {
+        **summary, **stats, "num_skipped_records": skipped, "expected_num_examples": expected,
+        "checkpoint": _CHECKPOINT.value, "data": _DATA.value, "split": _SPLIT.value,
+        "image_size": image_size, "batch_size": _BATCH_SIZE.value, "strategy": _STRATEGY.value,
+        "per_class": per_class,
+    }
+    if expected is not None and expected != counts.num_examples:
+        logging.warning("Evaluated %d examples but %s records %d for split %s (%d skipped as bad).",
+                        counts.num_examples, _DATA.value, expected, _SPLIT.value, skipped)
+
+    print(evaluation.format_report(results))
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w", encoding="utf-8") as stream:
+            json.dump(results, stream, indent=1)
+        print(f"Wrote {_OUTPUT.value}")
+    if _CONFUSION_PNG.value:
+        figures.save(figures.confusion_figure(counts.confusion, class_names), _CONFUSION_PNG.value)
+        print(f"Wrote {_CONFUSION_PNG.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,137 @@
+r"""Draws what a ViT learned, as in the paper's Figures 6 and 7, or a run's training curves.
+
+    python tools/visualize.py attention --checkpoint=/tmp/run --output=rollout.png a.jpg b.jpg
+    python tools/visualize.py posemb --checkpoint=ViT-B_16.npz --output=posemb.png
+    python tools/visualize.py attention_distance --checkpoint=/tmp/run --data=/tmp/digits \
+        --split=test --num_images=64 --output=distance.png
+    python tools/visualize.py curves --checkpoint=/tmp/run --output=curves.png
+
+KIND:
+  attention            attention rollout (Abnar & Zuidema 2020) over each image (Figure 6)
+  posemb               cosine similarity of the position embeddings (Figure 7, centre)
+  attention_distance   mean attention distance per head against depth (Figure 7, right)
+  curves               loss, accuracy and learning rate from MODEL_DIR/logs (TensorBoard)
+See docs/analysis.md.
+"""
+
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pipelines  # noqa: E402
+from keras_vit import analysis, evaluation, load_classifier  # noqa: E402
+from keras_vit.analysis import figures  # noqa: E402
+
+KINDS = ("attention", "posemb", "attention_distance", "curves")
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A .keras file, an .npz checkpoint or a training model directory.")
+_OUTPUT = flags.DEFINE_string("output", None, "PNG file to write.", required=True)
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "Only for .npz: input side in pixels (default: the checkpoint's).")
+_LABELS = flags.DEFINE_string("labels", None, "Class names for the titles of `attention`.")
+_DATA = flags.DEFINE_string(
+    "data", None, "Images for attention / attention_distance from a dataset (a TFRecord "
+    "directory or pattern, or tfds:NAME) instead of image files.")
+_SPLIT = flags.DEFINE_string("split", "test", "Split of --data.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 32, "How many images of --data to use.")
+_RESIDUAL_WEIGHT = flags.DEFINE_float(
+    "residual_weight", 0.5, "Rollout: weight of the identity added to each attention map.")
+_LOGDIR = flags.DEFINE_string(
+    "logdir", None, "curves: TensorBoard log directory (default: CHECKPOINT/logs).")
+_X_AXIS = flags.DEFINE_enum("x_axis", "epoch", ["epoch", "step"], "curves: per epoch or per step.")
+_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "Data dir of prepared TFDS datasets.")
+
+
+def _model():
+    if not _CHECKPOINT.value:
+        raise app.UsageError("--checkpoint is required for this KIND.")
+    return load_classifier(
+        _CHECKPOINT.value, image_size=_IMAGE_SIZE.value, class_names_path=_LABELS.value)
+
+
+def _images(paths, image_size):
+    """(images (B, S, S, 3) in [0, 255], titles) from files, else from --data."""
+    if paths:
+        return evaluation.load_images(paths, image_size), [os.path.basename(p) for p in paths]
+    if not _DATA.value:
+        raise app.UsageError("Give image files after KIND, or --data=SOURCE.")
+    dataset = pipelines.build_dataset(
+        _DATA.value, split=_SPLIT.value, image_size=image_size, batch_size=_NUM_IMAGES.value,
+        training=False, tfds_data_dir=_TFDS_DATA_DIR.value)
+    images, labels = next(iter(dataset))
+    return images.numpy(), [f"label {int(label)}" for label in labels.numpy()]
+
+
+def draw_attention(paths):
+    model, class_names = _model()
+    grid_size, _, num_prefix_tokens = analysis.model_geometry(model)
+    images, titles = _images(paths, int(model.input_shape[1]))
+    attention = analysis.attention_maps(model, images)
+    maps = analysis.rollout_map(
+        analysis.attention_rollout(attention, _RESIDUAL_WEIGHT.value), grid_size,
+        num_prefix_tokens)
+    class_names = evaluation.resolve_class_names(int(model.output_shape[-1]), class_names)
+    indices, probabilities = evaluation.top_k_predictions(
+        evaluation.predict_logits(model, images), 1)
+    titles = [f"{title}: {class_names[i[0]]} ({p[0]:.2f})"
+              for title, i, p in zip(titles, indices, probabilities)]
+    return figures.attention_figure(images, maps, titles)
+
+
+def draw_posemb(paths):
+    del paths
+    model, _ = _model()
+    grid_size, _, num_prefix_tokens = analysis.model_geometry(model)
+    embedding = np.asarray(model.get_layer("position_embedding").embedding)
+    return figures.position_embedding_figure(
+        analysis.position_embedding_similarity(embedding, grid_size, num_prefix_tokens))
+
+
+def draw_attention_distance(paths):
+    model, _ = _model()
+    grid_size, patch_size, num_prefix_tokens = analysis.model_geometry(model)
+    images, _ = _images(paths, int(model.input_shape[1]))
+    distances = analysis.mean_attention_distance(
+        analysis.attention_maps(model, images), grid_size, patch_size, num_prefix_tokens)
+    print("mean attention distance (pixels), layer x head:")
+    for layer, row in enumerate(distances, 1):
+        print(f"  layer {layer:2d}: " + " ".join(f"{d:6.1f}" for d in row))
+    return figures.attention_distance_figure(
+        distances, image_size=int(model.input_shape[1]),
+        title=f"{model.name}, {len(images)} images")
+
+
+def draw_curves(paths):
+    del paths
+    logdir = _LOGDIR.value
+    if logdir is None:
+        if not _CHECKPOINT.value or not os.path.isdir(_CHECKPOINT.value):
+            raise app.UsageError("curves needs --logdir=DIR or --checkpoint=MODEL_DIR.")
+        logdir = os.path.join(_CHECKPOINT.value, "logs")
+    groups = analysis.group_curves(analysis.read_scalars(logdir), _X_AXIS.value)
+    if not groups:
+        raise ValueError(
+            f"{logdir} has no loss, accuracy or learning-rate scalars per {_X_AXIS.value}; "
+            f"try --x_axis={'step' if _X_AXIS.value == 'epoch' else 'epoch'}.")
+    return figures.curves_figure(groups, _X_AXIS.value, title=logdir)
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] not in KINDS:
+        found = argv[1] if len(argv) > 1 else "nothing"
+        raise app.UsageError(f"KIND must be one of {', '.join(KINDS)}; got {found}.")
+    kind, paths = argv[1], argv[2:]
+    if paths and kind in ("posemb", "curves"):
+        raise app.UsageError(f"{kind} takes no image files, got {paths}.")
+    figure = globals()[f"draw_{kind}"](paths)
+    figures.save(figure, _OUTPUT.value)
+    print(f"Wrote {_OUTPUT.value} ({figures.panel_count(figure)} panels)")
+
+
+if __name__ == "__main__":
+    app.run(main)
