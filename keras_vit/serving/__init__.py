@@ -3,16 +3,13 @@
     from keras_vit import serving
     exported = serving.export_classifier(model, "/models/vit", class_names=names)
 
+    from keras_vit.serving import client  # not imported here: only clients need it
+    predictions = client.predict_rest("localhost:8501", "vit", image_bytes=[jpeg_bytes])
+
 See docs/serving.md.
 """
 
 from keras_vit.serving.export import (
-    BYTES_INPUT,
-    CLASS_NAMES_ASSET,
-    OUTPUTS,
-    PIXELS_INPUT,
-    PIXELS_SIGNATURE,
-    SERVING_SIGNATURE,
     ExportedModel,
     ExportError,
     build_archive,
@@ -22,4 +19,12 @@ from keras_vit.serving.export import (
     next_version,
     variables_bytes,
     weight_bytes,
+)
+from keras_vit.serving.signatures import (
+    BYTES_INPUT,
+    CLASS_NAMES_ASSET,
+    OUTPUTS,
+    PIXELS_INPUT,
+    PIXELS_SIGNATURE,
+    SERVING_SIGNATURE,
 )

@@ -37,17 +37,18 @@ import tensorflow as tf
 from absl import logging
 
 import pipelines
+from keras_vit.serving.signatures import (
+    BYTES_INPUT,
+    CLASS_NAMES_ASSET,
+    PIXELS_INPUT,
+    PIXELS_SIGNATURE,
+    SERVING_SIGNATURE,
+)
 
-SERVING_SIGNATURE = "serving_default"
-PIXELS_SIGNATURE = "predict_pixels"
-BYTES_INPUT = "image_bytes"
-PIXELS_INPUT = "images"
-OUTPUTS = ("probabilities", "classes", "scores", "labels")
-CLASS_NAMES_ASSET = "class_names.txt"
 # Variables may exceed the weights by the checkpoint index (names, shapes, checksums): 10% plus
 # a fixed allowance that only matters for toy models. A duplicated export is 2x.
 MAX_VARIABLE_OVERHEAD = 1.1
-_INDEX_ALLOWANCE_BYTES = 64 * 1024
+_INDEX_ALLOWANCE_BYTES = 16 * 1024
 _TEMP_PREFIX = ".tmp-export-"
 
 

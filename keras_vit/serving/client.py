@@ -1,0 +1,196 @@
+"""Requests to a TensorFlow Serving model exported by `keras_vit.serving.export_classifier`.
+
+Builds (and sends) the two kinds of Predict request TF Serving accepts:
+
+    REST   POST http://HOST:8501/v1/models/NAME[/versions/N]:predict
+           {"signature_name": "serving_default", "instances": [{"b64": "<base64 image>"}, ...]}
+           {"signature_name": "predict_pixels", "instances": [<H x W x 3 nested lists>, ...]}
+    gRPC   tensorflow.serving.PredictionService/Predict on HOST:8500 with a `PredictRequest`
+           (model_spec.name / signature_name / version, inputs["image_bytes"] a DT_STRING
+           tensor of shape (batch,), or inputs["images"] DT_FLOAT (batch, H, W, 3))
+
+and reads either answer into one `Prediction` per image. gRPC needs the optional
+`tensorflow-serving-api` package (`pip install tensorflow-serving-api`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+from keras_vit.serving.signatures import (
+    BYTES_INPUT,
+    PIXELS_INPUT,
+    PIXELS_SIGNATURE,
+    SERVING_SIGNATURE,
+)
+
+_INPUT_OF_SIGNATURE = {SERVING_SIGNATURE: BYTES_INPUT, PIXELS_SIGNATURE: PIXELS_INPUT}
+
+
+class ServingError(RuntimeError):
+    """The server answered with an error, or with something that is not a prediction."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """The top-k answer for one image, best first."""
+
+    labels: list[str]
+    scores: list[float]
+    classes: list[int]
+
+
+def _require_grpc_api():
+    try:
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    except ImportError as error:
+        raise ImportError(
+            "gRPC requests need the tensorflow-serving-api package, which is not installed: "
+            "`pip install tensorflow-serving-api` (same minor version as tensorflow), or use "
+            "the REST protocol."
+        ) from error
+    return predict_pb2, prediction_service_pb2_grpc
+
+
+def _check_inputs(signature_name, image_bytes, images):
+    if signature_name not in _INPUT_OF_SIGNATURE:
+        raise ValueError(
+            f"signature_name must be one of {sorted(_INPUT_OF_SIGNATURE)}, got {signature_name!r}.")
+    expects_bytes = signature_name == SERVING_SIGNATURE
+    given = image_bytes if expects_bytes else images
+    other = images if expects_bytes else image_bytes
+    if given is None or other is not None:
+        raise ValueError(
+            f"{signature_name} takes {'image_bytes (encoded images)' if expects_bytes else 'images (float32 pixels)'}"
+            " and nothing else.")
+    if expects_bytes:
+        image_bytes = [bytes(data) for data in image_bytes]
+        if not image_bytes:
+            raise ValueError("No images to send.")
+        return image_bytes
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] != 3 or not len(images):
+        raise ValueError(f"images must be (batch, height, width, 3) pixels, got shape {images.shape}.")
+    return images
+
+
+def rest_url(server: str, model_name: str, version: int | None = None) -> str:
+    """The Predict URL, e.g. "http://localhost:8501/v1/models/vit/versions/2:predict"."""
+    if "://" not in server:
+        server = "http://" + server
+    path = f"/v1/models/{model_name}" + (f"/versions/{int(version)}" if version else "")
+    return server.rstrip("/") + path + ":predict"
+
+
+def rest_request(*, signature_name=SERVING_SIGNATURE, image_bytes=None, images=None) -> dict:
+    """The JSON body of a REST Predict request, in TF Serving's row ("instances") format.
+
+    Args:
+        signature_name: "serving_default" (with image_bytes) or "predict_pixels" (with images).
+        image_bytes: list of encoded images (bytes); sent base64 encoded as {"b64": ...}, the
+            REST API's way of carrying binary DT_STRING values.
+        images: float (batch, H, W, 3) pixels in [0, 255]; sent as nested lists.
+    """
+    inputs = _check_inputs(signature_name, image_bytes, images)
+    if signature_name == SERVING_SIGNATURE:
+        instances = [{"b64": base64.b64encode(data).decode("ascii")} for data in inputs]
+    else:
+        instances = inputs.tolist()
+    return {"signature_name": signature_name, "instances": instances}
+
+
+def grpc_request(model_name: str, *, signature_name=SERVING_SIGNATURE, image_bytes=None,
+                 images=None, version: int | None = None):
+    """A `tensorflow.serving.PredictRequest` for the same inputs as `rest_request`."""
+    import tensorflow as tf
+
+    predict_pb2, _ = _require_grpc_api()
+    inputs = _check_inputs(signature_name, image_bytes, images)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = signature_name
+    if version:
+        request.model_spec.version.value = int(version)
+    if signature_name == SERVING_SIGNATURE:
+        tensor = tf.make_tensor_proto(inputs, dtype=tf.string, shape=[len(inputs)])
+    else:
+        tensor = tf.make_tensor_proto(inputs, dtype=tf.float32, shape=inputs.shape)
+    request.inputs[_INPUT_OF_SIGNATURE[signature_name]].CopyFrom(tensor)
+    return request
+
+
+def _prediction(labels, scores, classes):
+    labels = [label.decode("utf-8") if isinstance(label, bytes) else str(label) for label in labels]
+    return Prediction(labels=labels, scores=[float(s) for s in scores],
+                      classes=[int(c) for c in classes])
+
+
+def parse_rest_response(body: dict) -> list[Prediction]:
+    """Predictions from a REST Predict answer {"predictions": [{"labels", "scores", ...}, ...]}."""
+    if "error" in body:
+        raise ServingError(f"TF Serving answered with an error: {body['error']}")
+    try:
+        return [_prediction(row["labels"], row["scores"], row["classes"])
+                for row in body["predictions"]]
+    except (KeyError, TypeError) as error:
+        raise ServingError(
+            "Expected {\"predictions\": [{\"labels\", \"scores\", \"classes\", ...}]} from a model "
+            f"exported by keras_vit; got keys {sorted(body)}: {error!r}") from error
+
+
+def parse_grpc_response(response) -> list[Prediction]:
+    """Predictions from a `tensorflow.serving.PredictResponse`."""
+    import tensorflow as tf
+
+    missing = [key for key in ("labels", "scores", "classes") if key not in response.outputs]
+    if missing:
+        raise ServingError(
+            f"The response lacks outputs {missing} (has {sorted(response.outputs)}): was the "
+            "model exported by keras_vit?")
+    labels, scores, classes = (
+        tf.make_ndarray(response.outputs[key]) for key in ("labels", "scores", "classes"))
+    return [_prediction(*row) for row in zip(labels, scores, classes)]
+
+
+def predict_rest(server, model_name, *, version=None, timeout=30.0, **inputs) -> list[Prediction]:
+    """Sends `rest_request(**inputs)` to `server` (host:port, default REST port 8501)."""
+    body = json.dumps(rest_request(**inputs)).encode("utf-8")
+    request = urllib.request.Request(
+        rest_url(server, model_name, version), data=body, method="POST",
+        headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return parse_rest_response(json.loads(answer.read()))
+    except urllib.error.HTTPError as error:
+        text = error.read().decode("utf-8", "replace")
+        try:
+            message = json.loads(text).get("error", text)
+        except ValueError:
+            message = text
+        raise ServingError(f"{request.full_url} answered HTTP {error.code}: {message}") from error
+    except urllib.error.URLError as error:
+        raise ServingError(
+            f"Could not reach TF Serving at {request.full_url}: {error.reason}. Is the server "
+            "running, and is this its REST port (8501 by default)?") from error
+
+
+def predict_grpc(server, model_name, *, version=None, timeout=30.0, **inputs) -> list[Prediction]:
+    """Sends `grpc_request(...)` to `server` (host:port, default gRPC port 8500)."""
+    import grpc
+
+    _, prediction_service_pb2_grpc = _require_grpc_api()
+    request = grpc_request(model_name, version=version, **inputs)
+    with grpc.insecure_channel(server) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        try:
+            response = stub.Predict(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise ServingError(
+                f"{server} answered {error.code().name}: {error.details()}") from error
+    return parse_grpc_response(response)

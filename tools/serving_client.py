@@ -1,0 +1,77 @@
+r"""Sends image files to a TensorFlow Serving model exported by tools/export.py; prints top-k labels.
+
+    python tools/serving_client.py --server=localhost:8501 cat.jpg dog.png
+    python tools/serving_client.py --protocol=grpc --server=localhost:8500 --model_name=vit cat.jpg
+    python tools/serving_client.py --signature=predict_pixels --image_size=224 cat.jpg
+
+With --signature=predict_pixels the files are decoded and resized here, by the same
+`pipelines.preprocess_for_eval` the server's serving_default runs. gRPC needs
+`pip install tensorflow-serving-api`. One JSON line per file.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from keras_vit.serving import client  # noqa: E402
+
+_SERVER = flags.DEFINE_string(
+    "server", None, "host:port of TF Serving. Default: localhost:8501 (REST) / localhost:8500 (gRPC).")
+_PROTOCOL = flags.DEFINE_enum("protocol", "rest", ["rest", "grpc"], "Request protocol.")
+_MODEL_NAME = flags.DEFINE_string("model_name", "vit", "Model name in TF Serving's config.")
+_MODEL_VERSION = flags.DEFINE_integer("model_version", None, "Version; default: the latest.")
+_SIGNATURE = flags.DEFINE_enum(
+    "signature", client.SERVING_SIGNATURE, [client.SERVING_SIGNATURE, client.PIXELS_SIGNATURE],
+    "serving_default sends the encoded files; predict_pixels sends decoded float pixels.")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "predict_pixels only: the model's input size.")
+_CENTRAL_CROP_FRACTION = flags.DEFINE_float(
+    "central_crop_fraction", None, "predict_pixels only: the export's central crop, if any.")
+_TIMEOUT = flags.DEFINE_float("timeout", 30.0, "Seconds to wait for the answer.")
+
+
+def _pixels(paths):
+    import tensorflow as tf
+
+    import pipelines
+
+    return tf.stack([
+        pipelines.preprocess_for_eval(tf.io.read_file(path), _IMAGE_SIZE.value,
+                                      _CENTRAL_CROP_FRACTION.value, context=path)
+        for path in paths]).numpy()
+
+
+def main(argv):
+    paths = argv[1:]
+    if not paths:
+        raise app.UsageError("Give one or more image files to classify.")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise app.UsageError(f"{path} is not a file.")
+    if _SIGNATURE.value == client.PIXELS_SIGNATURE:
+        if not _IMAGE_SIZE.value:
+            raise app.UsageError("--signature=predict_pixels needs --image_size (the model's input).")
+        inputs = {"images": _pixels(paths)}
+    else:
+        inputs = {"image_bytes": [pathlib.Path(path).read_bytes() for path in paths]}
+    grpc = _PROTOCOL.value == "grpc"
+    server = _SERVER.value or ("localhost:8500" if grpc else "localhost:8501")
+    predict = client.predict_grpc if grpc else client.predict_rest
+    try:
+        predictions = predict(server, _MODEL_NAME.value, version=_MODEL_VERSION.value,
+                              timeout=_TIMEOUT.value, signature_name=_SIGNATURE.value, **inputs)
+    except client.ServingError as error:
+        sys.exit(f"error: {error}")
+    for path, prediction in zip(paths, predictions):
+        print(json.dumps({"file": path, "labels": prediction.labels,
+                          "scores": [round(score, 6) for score in prediction.scores],
+                          "classes": prediction.classes}))
+
+
+if __name__ == "__main__":
+    app.run(main)
