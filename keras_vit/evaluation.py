@@ -20,7 +20,6 @@ from absl import logging
 import pipelines
 
 IMAGENET_CLASS_NAMES = "imagenet_class_names.json"
-_PADDING_LABEL = -1  # Label of the rows that pad a final partial batch; dropped before counting.
 
 
 # --- Arithmetic (NumPy) ------------------------------------------------------------------------
@@ -221,26 +220,6 @@ def resolve_class_names(num_classes, class_names=None):
 # --- Running a model ---------------------------------------------------------------------------
 
 
-def pad_batch(images, labels, batch_size):
-    """Pads a final partial batch to `batch_size` rows (label -1), so every step has one shape.
-
-    Args:
-        images: (b, H, W, C) with b <= batch_size.
-        labels: (b,) int.
-        batch_size: the static batch size.
-
-    Returns:
-        images (batch_size, H, W, C) with zero rows appended, labels (batch_size,) int32 with
-        -1 for the padding rows.
-    """
-    missing = batch_size - tf.shape(images)[0]
-    images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
-    labels = tf.pad(tf.cast(labels, tf.int32), [[0, missing]], constant_values=_PADDING_LABEL)
-    images.set_shape([batch_size] + images.shape.as_list()[1:])
-    labels.set_shape([batch_size])
-    return images, labels
-
-
 def evaluate(model, dataset_fn, *, strategy=None, num_classes=None, ks=(1, 5), log_every=50):
     """Runs `model` over a finite dataset once and counts its predictions.
 
@@ -250,7 +229,9 @@ def evaluate(model, dataset_fn, *, strategy=None, num_classes=None, ks=(1, 5), l
         dataset_fn: `input_context -> tf.data.Dataset` of (images, labels) batches that ends
             (e.g. `pipelines.build_dataset(..., training=False, input_context=...)`); called by
             `strategy.distribute_datasets_from_function`, so with several workers each reads its
-            share of the files. Labels of -1 mark padding and are not counted.
+            share of the files. Its batch dimension must not be static (no drop_remainder):
+            with a static one, tf.distribute assumes full steps and silently drops a final
+            batch that does not fill every replica.
         strategy: a `tf.distribute.Strategy`; None for the current (default) one.
         num_classes: default: the model's output width.
         ks: the k of the top-k accuracies.
@@ -258,7 +239,7 @@ def evaluate(model, dataset_fn, *, strategy=None, num_classes=None, ks=(1, 5), l
 
     Returns:
         (counts, stats): a `ConfusionCounts` and {"seconds", "images_per_sec", "num_steps",
-        "num_replicas"}; images/s counts real (unpadded) images over the wall time after the
+        "num_replicas"}; images/s counts the images over the wall time after the
         first step (which includes tracing), or over the whole run if there was one step.
     """
     strategy = strategy or tf.distribute.get_strategy()
@@ -281,13 +262,12 @@ def evaluate(model, dataset_fn, *, strategy=None, num_classes=None, ks=(1, 5), l
     for batch in distributed:
         logits, labels = step(batch)
         logits, labels = logits.numpy(), labels.numpy()
-        real = labels != _PADDING_LABEL
-        counts.update(logits[real], labels[real])
+        counts.update(logits, labels)
         num_steps += 1
         if first_step_end is None:
             first_step_end = time.perf_counter()
         else:
-            images_after_first += int(real.sum())
+            images_after_first += len(labels)
         if log_every and num_steps % log_every == 0:
             logging.info("Step %d: %d images, top-1 %.4f.", num_steps, counts.num_examples,
                          counts.top_k_accuracy(ks[0]))

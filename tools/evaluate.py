@@ -5,8 +5,8 @@ r"""Evaluates a classifier on a dataset: top-1, top-5, per-class accuracy, image
         --split=validation --batch_size=256 --strategy=mirrored --output=results.json \
         --confusion_png=confusion.png
 
-Every example of the split is seen exactly once (the final partial batch is padded, and the
-padding is not counted). See docs/analysis.md.
+Every example of the split is seen exactly once, the final partial batch included, under any
+--strategy. See docs/analysis.md.
 """
 
 import json
@@ -81,7 +81,7 @@ def main(argv):
             label_offset=_LABEL_OFFSET.value, central_crop_fraction=_CENTRAL_CROP.value,
             on_bad_record=_ON_BAD_RECORD.value, tfds_data_dir=_TFDS_DATA_DIR.value)
         bad_record_counters.append(dataset.bad_records)
-        return dataset.map(lambda images, labels: evaluation.pad_batch(images, labels, batch_size))
+        return dataset
 
     counts, stats = evaluation.evaluate(model, dataset_fn, strategy=strategy,
                                         num_classes=num_classes)
