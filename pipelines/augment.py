@@ -44,14 +44,14 @@ def decode_and_random_crop(
       seed: int32/int64 `(2,)` stateless seed.
       context: string included in error messages (the shard file).
     """
-    image_bytes = preprocess.check_decodable(image_bytes, context)
 
     def jpeg():
         window = _crop_window(tf.image.extract_jpeg_shape(image_bytes), seed)
         return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
 
     def other():
-        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        checked = preprocess.check_decodable(image_bytes, context)
+        image = tf.io.decode_image(checked, channels=3, expand_animations=False)
         image.set_shape([None, None, 3])
         window = _crop_window(tf.shape(image), seed)
         return tf.image.crop_to_bounding_box(image, window[0], window[1], window[2], window[3])

@@ -59,9 +59,8 @@ class BadRecordCounter:
         """Total skipped records: undecodable records plus records lost in broken shards."""
         return self.num_bad_records + sum(n for _, n in self.shard_errors.values())
 
-    def _mark_seen(self, *element):
-        with tf.control_dependencies([self._seen.assign_add(1)]):
-            return tf.nest.map_structure(tf.identity, element)
+    def _mark_seen(self):
+        return self._seen.assign_add(1)
 
     def _mark_delivered(self):
         return self._delivered.assign_add(1)
@@ -277,17 +276,20 @@ def build_dataset(
         ds = ds.repeat()
     elif repeat not in (False, None, 0, 1):
         ds = ds.repeat(int(repeat))
-    ds = ds.map(counter._mark_seen)
 
+    # The decode maps count a record as seen before anything can fail; ignore_errors drops the
+    # failures; check_label counts what was delivered. Their difference is the skipped count.
     def decode_train(element, seed_pair):
-        image_bytes, label, context = parse(*element)
+        with tf.control_dependencies([counter._mark_seen()]):
+            image_bytes, label, context = parse(*element)
         crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed_pair, 2))
         image = augment.decode_and_random_crop(image_bytes, crop_seed, context)
-        image = augment.random_flip(preprocess.resize(image, image_size), flip_seed)
+        image = preprocess.resize(augment.random_flip(image, flip_seed), image_size)
         return image, label, context
 
     def decode_eval(*element):
-        image_bytes, label, context = parse(*element)
+        with tf.control_dependencies([counter._mark_seen()]):
+            image_bytes, label, context = parse(*element)
         image = preprocess.preprocess_for_eval(
             image_bytes, image_size, central_crop_fraction, context=context
         )
@@ -305,11 +307,11 @@ def build_dataset(
 
     def check_label(image, label, context):
         label = label - label_offset
-        conditions = [tf.greater_equal(label, 0)]
+        in_range = tf.greater_equal(label, 0)
         if num_classes:
-            conditions.append(tf.less(label, num_classes))
+            in_range = tf.logical_and(in_range, tf.less(label, num_classes))
         assertion = tf.debugging.Assert(
-            tf.reduce_all(tf.stack(conditions)),
+            in_range,
             [f"label outside [0, {num_classes}) (after label_offset={label_offset}) in shard",
              context, "label:", label],
         )

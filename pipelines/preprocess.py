@@ -65,8 +65,8 @@ def decode_rgb(image_bytes: tf.Tensor, context: tf.Tensor | str = "") -> tf.Tens
 
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """Bilinear resize of `(h, w, 3)` to float32 `(image_size, image_size, 3)` in [0, 255]."""
+    # Bilinear weights are a convex combination, so uint8 input stays within [0, 255].
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
-    image = tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0)
     image.set_shape([image_size, image_size, 3])
     return image
 

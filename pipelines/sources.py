@@ -195,6 +195,11 @@ def folder_source(root: str, split: str, class_index: str | None = None) -> Imag
 # ----------------------------------------------------------------------------- CIFAR
 
 
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class _Files:
     """Basename -> bytes for the files of an archive (.tar.gz) or a directory tree."""
 
@@ -205,7 +210,7 @@ class _Files:
             for dirpath, _, filenames in os.walk(path):
                 for name in filenames:
                     full = os.path.join(dirpath, name)
-                    self._members.setdefault(name, lambda full=full: open(full, "rb").read())
+                    self._members.setdefault(name, lambda full=full: _read_file(full))
                     self._members[name + "@path"] = lambda full=full: full
         elif os.path.isfile(path):
             try:
