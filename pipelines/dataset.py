@@ -82,8 +82,8 @@ def scan_shard(path: str) -> tuple[int, str | None]:
     size = tf.io.gfile.stat(path).length
     count = pos = 0
     # Local files: unbuffered reads of the 8-byte headers only, about 1 us per record.
-    opener = (lambda p: tf.io.gfile.GFile(p, "rb")) if "://" in path else (lambda p: open(p, "rb", buffering=0))
-    with opener(path) as f:
+    remote = "://" in path
+    with (tf.io.gfile.GFile(path, "rb") if remote else open(path, "rb", buffering=0)) as f:
         while pos < size:
             if pos + 12 > size:
                 return count, f"truncated record header at byte {pos} of {size}"
