@@ -323,32 +323,3 @@ def predict_logits(model, images, batch_size=32):
     """Logits (N, num_classes) float32 of images (N, H, W, 3) in [0, 255], in batches."""
     return np.asarray(model.predict(np.asarray(images, np.float32), batch_size=batch_size,
                                     verbose=0), dtype=np.float32)
-
-
-# --- Distribution strategies -------------------------------------------------------------------
-
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
-
-
-def create_strategy(name="default", tpu=None):
-    """A `tf.distribute.Strategy` by name.
-
-    "default": no distribution (the current strategy). "one_device": the first GPU, else the
-    CPU. "mirrored": all local GPUs (CPU if none). "multi_worker_mirrored": all workers of
-    TF_CONFIG. "tpu": a TPU cluster at `tpu` (a name or grpc:// address; "" or None = local).
-    """
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "one_device":
-        device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
-        return tf.distribute.OneDeviceStrategy(device)
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker_mirrored":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(f"Unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}.")

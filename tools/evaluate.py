@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pipelines  # noqa: E402
 from keras_vit import evaluation, load_classifier  # noqa: E402
 from keras_vit.analysis import figures  # noqa: E402
+from keras_vit.training.strategy import STRATEGIES, create_strategy  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A .keras file, an .npz checkpoint or a training model directory.",
@@ -43,7 +44,7 @@ _CENTRAL_CROP = flags.DEFINE_float(
 _ON_BAD_RECORD = flags.DEFINE_enum(
     "on_bad_record", "skip", ["skip", "fail"], "Skip and count undecodable records, or stop.")
 _STRATEGY = flags.DEFINE_enum(
-    "strategy", "default", list(evaluation.STRATEGIES), "tf.distribute strategy.")
+    "strategy", "auto", list(STRATEGIES), "tf.distribute strategy, as for tools/train.py.")
 _TPU = flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu.")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "Data dir of prepared TFDS datasets.")
 
@@ -51,7 +52,7 @@ _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "Data dir of prepare
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; all options are --flags.")
-    strategy = evaluation.create_strategy(_STRATEGY.value, _TPU.value)
+    strategy = create_strategy(_STRATEGY.value, _TPU.value)
     with strategy.scope():
         model, class_names = load_classifier(
             _CHECKPOINT.value, image_size=_IMAGE_SIZE.value, class_names_path=_LABELS.value)
