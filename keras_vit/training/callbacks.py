@@ -1,0 +1,73 @@
+"""Training callbacks beyond Keras's own: throughput, step bookkeeping, a clear NaN stop.
+
+Keras counts in epochs; tools/train.py makes one Keras epoch = `checkpoint_every_steps`
+optimizer updates, so an epoch boundary is where BackupAndRestore and ModelCheckpoint save and
+`epoch * updates_per_epoch` is the global update step.
+"""
+
+import time
+
+import keras
+import numpy as np
+
+
+class TrainingNaNError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class StepAndThroughput(keras.callbacks.Callback):
+    """Adds "step" (optimizer updates so far) and "images_per_sec" to each epoch's logs.
+
+    TensorBoard, the progress bar, History and ModelCheckpoint's `{step}` file name placeholder
+    all read these logs. Put this callback before them in the list.
+
+    Args:
+        global_batch_size: images per micro-step, summed over all replicas.
+        steps_per_update: micro-steps per optimizer update (gradient accumulation).
+    """
+
+    def __init__(self, global_batch_size, steps_per_update=1):
+        super().__init__()
+        self.global_batch_size = int(global_batch_size)
+        self.steps_per_update = int(steps_per_update)
+        self.history = []  # (update step, images/s) per epoch, for results.json
+        self._start = None
+        self._start_iterations = 0
+
+    def _micro_steps(self):
+        return int(keras.ops.convert_to_numpy(self.model.optimizer._iterations))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start_iterations = self._micro_steps()
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        micro_steps = self._micro_steps()
+        seconds = time.perf_counter() - self._start
+        images = (micro_steps - self._start_iterations) * self.global_batch_size
+        rate = images / seconds if seconds > 0 else 0.0
+        step = micro_steps // self.steps_per_update
+        self.history.append((step, rate))
+        if logs is not None:
+            logs["images_per_sec"] = rate
+            logs["step"] = step
+
+
+class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
+    """Stops at the first NaN/Inf loss with a message saying where and what to try."""
+
+    def __init__(self, steps_per_update=1):
+        super().__init__(raise_error=True)
+        self.steps_per_update = steps_per_update
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            micro = int(keras.ops.convert_to_numpy(self.model.optimizer._iterations))
+            raise TrainingNaNError(
+                f"The training loss became {loss} at optimizer update "
+                f"{micro // self.steps_per_update}. Training stopped; the last good state is in "
+                "the model directory's backup/ and checkpoints/. Try a lower --learning_rate, "
+                "a longer --warmup_steps, --grad_clip_norm=1, or --mixed_precision=bfloat16 "
+                "instead of float16; and check the input data."
+            )
