@@ -130,11 +130,13 @@ def make_cifar_binary(root, kind, split_rows, class_names, archive=False):
     files = {}
     for split, (data, labels) in split_rows.items():
         labels = np.asarray(labels, np.uint8)[:, None]
-        rows = np.concatenate([labels, data], 1) if kind == "cifar10" else np.concatenate([labels // 5, labels, data], 1)
+        label_bytes = [labels] if kind == "cifar10" else [labels // 5, labels]  # (coarse, fine)
+        rows = np.concatenate(label_bytes + [data], 1)
         name = {"cifar10": {"train": "data_batch_1.bin", "test": "test_batch.bin"},
                 "cifar100": {"train": "train.bin", "test": "test.bin"}}[kind][split]
         files[name] = rows.astype(np.uint8).tobytes()
-    files["batches.meta.txt" if kind == "cifar10" else "fine_label_names.txt"] = ("\n".join(class_names) + "\n\n").encode()
+    meta = "batches.meta.txt" if kind == "cifar10" else "fine_label_names.txt"
+    files[meta] = ("\n".join(class_names) + "\n\n").encode()
     return _write_tree(root, folder, files, archive)
 
 

@@ -34,12 +34,14 @@ def test_eval_yields_every_example_once_with_partial_batch(digits_dir):
     from sklearn.datasets import load_digits
     target = load_digits().target
     order = np.random.default_rng(0).permutation(1797)[1438:]
-    np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.bincount(target[order], minlength=10))
+    np.testing.assert_array_equal(
+        np.bincount(labels, minlength=10), np.bincount(target[order], minlength=10))
     assert ds.bad_records.count == 0
 
 
 def test_train_batches_have_fixed_shape(digits_dir):
-    ds = pipelines.build_dataset(digits_dir, split="train", image_size=24, batch_size=32, shuffle_buffer=100)
+    ds = pipelines.build_dataset(
+        digits_dir, split="train", image_size=24, batch_size=32, shuffle_buffer=100)
     assert ds.element_spec[0].shape.as_list() == [32, 24, 24, 3]
     assert ds.element_spec[1].shape.as_list() == [32]
     for x, y in ds.take(3):

@@ -4,7 +4,8 @@ r"""Converts an image dataset into TFRecord shards plus dataset_info.json.
     python tools/convert_data.py --source=folder:/data/imagenet/train --output_dir=/data/in1k \
         --class_index=imagenet_class_index.json --num_shards=1024 --num_workers=16
     python tools/convert_data.py --source=cifar10:cifar-10-python.tar.gz --output_dir=/data/c10 --split=test
-    python tools/convert_data.py --source=tfds:cifar10 --tfds_data_dir=~/tensorflow_datasets --output_dir=/data/c10
+    python tools/convert_data.py --source=tfds:cifar10 --tfds_data_dir=~/tensorflow_datasets \
+        --output_dir=/data/c10
 
 See docs/data.md for the record format and the sources.
 """
