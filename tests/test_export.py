@@ -268,3 +268,38 @@ def test_tool_refuses_an_existing_version_and_bad_flags(checkpoint, exported):
     assert "already exists" in result.stderr and "Versions are immutable" in result.stderr
     result = _run([sys.executable, "tools/export.py", f"--export_dir={export_dir}"])
     assert result.returncode != 0 and "exactly one of --model_dir or --checkpoint" in result.stderr
+
+
+@pytest.mark.slow
+def test_tool_exports_a_model_directory_trained_under_mixed_bfloat16(tmp_path):
+    """A training model directory (model.keras + class_names.json), as tools/train.py writes."""
+    rng = np.random.default_rng(8)
+    images = rng.uniform(0, 255, (8, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = keras_vit.create_model(
+            keras_vit.ViTConfig(4, 32, 2, 4, 64), image_size=IMAGE_SIZE, num_classes=3)
+        model.compile(optimizer="sgd",
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(images, rng.integers(0, 3, 8), batch_size=4, epochs=1, verbose=0)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    model.save(model_dir / "model.keras")
+    keras_vit.write_class_names(["circle", "square", "triangle"], str(model_dir))
+    export_dir = tmp_path / "export"
+    result = _run([sys.executable, "tools/export.py", f"--model_dir={model_dir}",
+                   f"--export_dir={export_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["top_k"] == 3  # --top_k=5 capped at the 3 classes
+    outputs = tf.saved_model.load(summary["export_path"]).signatures["predict_pixels"](
+        images=tf.constant(images))
+    assert outputs["probabilities"].dtype == tf.float32 and outputs["scores"].dtype == tf.float32
+    # bfloat16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%): the graph and eager runs may
+    # round differently (measured 2e-4), so the float32 bound of 1e-5 cannot apply here.
+    assert np.abs(outputs["probabilities"].numpy() - keras.ops.convert_to_numpy(
+        keras.ops.softmax(model(images, training=False)))).max() < 2e-3
+    assert sorted(outputs["labels"].numpy()[0].astype(str)) == ["circle", "square", "triangle"]

@@ -185,4 +185,5 @@ def test_model_trained_under_mixed_bfloat16_exports_float32_outputs(tmp_path):
     outputs = loaded.signatures[serving.PIXELS_SIGNATURE](images=tf.constant(images))
     assert outputs["probabilities"].dtype == tf.float32
     np.testing.assert_allclose(outputs["probabilities"].numpy().sum(-1), 1.0, atol=1e-6)
-    assert np.abs(outputs["probabilities"].numpy() - _keras_probabilities(model, images)).max() < 1e-5
+    # bfloat16 compute (8 mantissa bits): graph and eager runs may round differently.
+    assert np.abs(outputs["probabilities"].numpy() - _keras_probabilities(model, images)).max() < 2e-3

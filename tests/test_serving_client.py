@@ -8,20 +8,29 @@ exported SavedModel's signature, as TF Serving does, to show the names and dtype
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.framework import types_pb2
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 import keras_vit
 from keras_vit import serving
 from keras_vit.serving import client
 from vit_reference import random_checkpoint
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_LIKE = b"\x89PNG\r\n\x1a\nabc"
+
+
+@pytest.fixture
+def predict_pb2():
+    """tensorflow-serving-api's request/response protos (a dependency of the gRPC client)."""
+    return pytest.importorskip("tensorflow_serving.apis.predict_pb2")
 JPEG_LIKE = b"\xff\xd8\xff\xe0xyz"
 
 
@@ -57,14 +66,14 @@ def test_rest_request_for_pixels():
     ({"image_bytes": []}, "No images"),
     ({"signature_name": "predict_pixels", "images": np.zeros((2, 2, 3))}, "got shape"),
 ])
-def test_bad_inputs_are_refused(kwargs, message):
+def test_bad_inputs_are_refused(kwargs, message, predict_pb2):
     with pytest.raises(ValueError, match=message):
         client.rest_request(**kwargs)
     with pytest.raises(ValueError, match=message):
         client.grpc_request("vit", **kwargs)
 
 
-def test_grpc_request_for_encoded_images():
+def test_grpc_request_for_encoded_images(predict_pb2):
     request = client.grpc_request("vit", image_bytes=[PNG_LIKE, JPEG_LIKE], version=4)
     assert isinstance(request, predict_pb2.PredictRequest)
     assert request.model_spec.name == "vit"
@@ -79,7 +88,7 @@ def test_grpc_request_for_encoded_images():
     assert predict_pb2.PredictRequest.FromString(request.SerializeToString()) == request
 
 
-def test_grpc_request_for_pixels_without_version():
+def test_grpc_request_for_pixels_without_version(predict_pb2):
     images = np.random.default_rng(0).uniform(0, 255, (3, 4, 4, 3)).astype(np.float32)
     request = client.grpc_request("other", signature_name="predict_pixels", images=images)
     assert request.model_spec.name == "other"
@@ -108,7 +117,7 @@ def test_parse_rest_response():
         client.parse_rest_response({"predictions": [[0.7, 0.3]]})
 
 
-def test_parse_grpc_response():
+def test_parse_grpc_response(predict_pb2):
     response = predict_pb2.PredictResponse()
     response.outputs["labels"].CopyFrom(tf.make_tensor_proto([[b"cat", b"dog"]]))
     response.outputs["scores"].CopyFrom(tf.make_tensor_proto(np.array([[0.75, 0.25]], np.float32)))
@@ -163,8 +172,10 @@ def test_predict_rest_reports_the_server_error(monkeypatch):
         client.predict_rest("localhost:8501", "vit", image_bytes=[b"abc"])
 
 
-def test_grpc_request_fits_the_exported_signatures(tmp_path, monkeypatch):
+def test_grpc_request_fits_the_exported_signatures(tmp_path, monkeypatch, predict_pb2):
     """TF Serving feeds request.inputs by name to the signature; do that with a real export."""
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
     arrays = random_checkpoint(4, 16, 1, 2, 32, grid=2, num_classes=3, seed=4)
     np.savez(tmp_path / "tiny.npz", **arrays)
     exported = serving.export_classifier(keras_vit.from_npz(str(tmp_path / "tiny.npz")),
@@ -196,3 +207,28 @@ def test_grpc_request_fits_the_exported_signatures(tmp_path, monkeypatch):
         assert len(predictions) == 1 and set(predictions[0].labels) <= {"a", "b", "c"}
     assert by_pixels[0].classes == direct["classes"].numpy()[0].tolist()
     np.testing.assert_allclose(by_pixels[0].scores, direct["scores"].numpy()[0], rtol=1e-6)
+
+
+def test_missing_grpc_package_is_explained(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_serving.apis", None)
+    with pytest.raises(ImportError, match="pip install tensorflow-serving-api"):
+        client.grpc_request("vit", image_bytes=[PNG_LIKE])
+
+
+def _run_tool(*args):
+    return subprocess.run([sys.executable, "tools/serving_client.py", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_tool_reports_an_unreachable_server_and_bad_flags(tmp_path):
+    image = tmp_path / "cat.png"
+    image.write_bytes(tf.io.encode_png(tf.zeros([4, 4, 3], tf.uint8)).numpy())
+    # Port 9 (discard) on localhost: nothing serves there, the connection is refused.
+    result = _run_tool("--server=localhost:9", "--timeout=5", str(image))
+    assert result.returncode == 1
+    assert "Could not reach TF Serving at http://localhost:9/v1/models/vit:predict" in result.stderr
+    result = _run_tool("--signature=predict_pixels", str(image))
+    assert result.returncode != 0 and "needs --image_size" in result.stderr
+    result = _run_tool(str(tmp_path / "missing.jpg"))
+    assert result.returncode != 0 and "missing.jpg is not a file" in result.stderr
