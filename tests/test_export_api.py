@@ -187,3 +187,28 @@ def test_model_trained_under_mixed_bfloat16_exports_float32_outputs(tmp_path):
     np.testing.assert_allclose(outputs["probabilities"].numpy().sum(-1), 1.0, atol=1e-6)
     # bfloat16 compute (8 mantissa bits): graph and eager runs may round differently.
     assert np.abs(outputs["probabilities"].numpy() - _keras_probabilities(model, images)).max() < 2e-3
+
+
+def test_concurrent_export_of_the_same_version_does_not_overwrite(model, tmp_path, monkeypatch):
+    real_build_archive = export_module.build_archive
+    export_dir = str(tmp_path)
+
+    class Racing:
+        """Another exporter publishes version 1 while this one is writing."""
+
+        def __init__(self, archive):
+            self.archive = archive
+
+        def write_out(self, path, **kwargs):
+            self.archive.write_out(path, **kwargs)
+            os.makedirs(os.path.join(export_dir, "1", "variables"))
+            with open(os.path.join(export_dir, "1", "saved_model.pb"), "w") as stream:
+                stream.write("the other exporter's model")
+
+    monkeypatch.setattr(export_module, "build_archive",
+                        lambda *args, **kwargs: Racing(real_build_archive(*args, **kwargs)))
+    with pytest.raises(serving.ExportError, match="appeared while exporting"):
+        serving.export_classifier(model, export_dir)
+    assert sorted(os.listdir(export_dir)) == ["1"]
+    with open(os.path.join(export_dir, "1", "saved_model.pb")) as stream:
+        assert stream.read() == "the other exporter's model"

@@ -291,7 +291,15 @@ def export_classifier(
                 "(keras-team/keras#23553). Do not track the whole model in the ExportArchive."
             )
         # rename() is atomic within a file system; it fails if a non-empty version appeared.
-        os.rename(temp_path, final_path)
+        try:
+            os.rename(temp_path, final_path)
+        except OSError as error:
+            if os.path.exists(final_path):
+                raise ExportError(
+                    f"{final_path} appeared while exporting (another export running at the same "
+                    "time?); nothing was overwritten. Export again for the next free version."
+                ) from error
+            raise
     except BaseException:
         shutil.rmtree(temp_path, ignore_errors=True)
         raise
