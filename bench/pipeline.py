@@ -10,11 +10,12 @@ two sample images when that is absent), then measures, in one run:
 and prints a table with the ratio b/a. `--threads=1,2` repeats the measurements with tf.data's
 thread pool limited to each size, to show how throughput scales with cores.
 
-    python bench/pipeline.py                      # all 601 images, 224 px, 20 s per measurement
+    python bench/pipeline.py                      # all 601 images, 224 px, 30 s per pipeline
     python bench/pipeline.py --threads=1,2 --seconds=30
 """
 
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +38,8 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Use only the first N ima
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "Shards to write.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Output side of (b) and (c).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size of (b) and (c).")
-_SECONDS = flags.DEFINE_float("seconds", 20.0, "Timed seconds per measurement (after warm-up).")
+_SECONDS = flags.DEFINE_float("seconds", 30.0, "Timed seconds per pipeline, over all rounds.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds per measurement; the median is shown.")
 _WARMUP = flags.DEFINE_integer("warmup_batches", 3, "Batches read before timing starts.")
 _THREADS = flags.DEFINE_list("threads", ["0"], "tf.data thread pool sizes to try; 0 = default.")
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Where to write shards (default: a temp dir).")
@@ -113,18 +115,26 @@ def main(argv):
               f"in {time.perf_counter() - start:.1f} s")
         shards = [str(out / s["file"]) for s in info["splits"]["train"]["shards"]]
         size, batch = _IMAGE_SIZE.value, _BATCH_SIZE.value
+        pipelines_to_time = {
+            "a": lambda t: decode_only(shards, t),
+            "b": lambda t: _with_threads(pipelines.build_dataset(
+                out, split="train", image_size=size, batch_size=batch,
+                shuffle_buffer=min(num_images, 1000)), t),
+            "c": lambda t: _with_threads(pipelines.build_dataset(
+                out, split="train", training=False, repeat=True, image_size=size,
+                batch_size=batch), t),
+        }
         rows = []
         for threads in [int(t) for t in _THREADS.value]:
-            a = measure(lambda: decode_only(shards, threads), _SECONDS.value)
-            b = measure(lambda: _with_threads(pipelines.build_dataset(
-                out, split="train", image_size=size, batch_size=batch,
-                shuffle_buffer=min(num_images, 1000)), threads), _SECONDS.value)
-            c = measure(lambda: _with_threads(pipelines.build_dataset(
-                out, split="train", training=False, repeat=True, image_size=size,
-                batch_size=batch), threads), _SECONDS.value)
+            # Rounds alternate a, b, c so that load from other processes hits all three alike.
+            rates = {name: [] for name in pipelines_to_time}
+            for _ in range(_ROUNDS.value):
+                for name, make in pipelines_to_time.items():
+                    rates[name].append(measure(lambda: make(threads), _SECONDS.value / _ROUNDS.value))
+            a, b, c = (statistics.median(rates[name]) for name in "abc")
             rows.append((threads or os.cpu_count(), a, b, c))
-        print(f"\ninput pipeline, {num_images} ImageNet JPEGs, {size}px, batch {batch}, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (1 min)")
+        print(f"\ninput pipeline, {num_images} JPEGs, {size}px, batch {batch}, {os.cpu_count()} CPUs, "
+              f"median of {_ROUNDS.value} rounds, load average {os.getloadavg()[0]:.2f} (1 min)")
         print("| threads | (a) decode-only img/s | (b) train img/s | (c) eval img/s | b/a |")
         print("|---|---|---|---|---|")
         for threads, a, b, c in rows:

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_pipeline_benchmark_runs_and_prints_table(tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "pipeline.py"), "--num_images=6", "--num_shards=2",
-         "--seconds=0.5", "--image_size=32", "--batch_size=4", "--warmup_batches=1",
+         "--seconds=0.5", "--rounds=1", "--image_size=32", "--batch_size=4", "--warmup_batches=1",
          f"--work_dir={tmp_path}"],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
