@@ -31,14 +31,21 @@ class StepAndThroughput(keras.callbacks.Callback):
         self.global_batch_size = int(global_batch_size)
         self.steps_per_update = int(steps_per_update)
         self.history = []  # (update step, images/s) per epoch, for results.json
+        self.first_step = None  # update step of the first epoch of this run (0 unless resumed)
         self._start = None
         self._start_iterations = 0
 
     def _micro_steps(self):
         return int(keras.ops.convert_to_numpy(self.model.optimizer._iterations))
 
+    def on_train_begin(self, logs=None):
+        self.first_step = None
+
     def on_epoch_begin(self, epoch, logs=None):
         self._start_iterations = self._micro_steps()
+        if self.first_step is None:
+            # After BackupAndRestore's on_train_begin: the update step this run resumed from.
+            self.first_step = self._start_iterations // self.steps_per_update
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):

@@ -262,6 +262,7 @@ def train(config):
             validation_data=eval_data,
             validation_freq=config.eval_every_steps // updates_per_epoch,
             callbacks=callbacks,
+            shuffle=False,  # the input pipeline shuffles
             verbose=1 if chief else 0,
         )
         train_seconds = time.perf_counter() - start
@@ -276,6 +277,8 @@ def train(config):
             "eval_loss": _metric(evaluation, "loss"),
             "steps": steps,
             "total_steps": config.total_steps,
+            # Update step this process started training from: > 0 when it resumed from backup/.
+            "resumed_from_step": throughput.first_step if throughput.first_step is not None else steps,
             # The first chunk of a run includes tracing/compilation; leave it out when others exist.
             "train_images_per_sec": statistics.median(rates[1:] or rates) if rates else None,
             "train_seconds": train_seconds,

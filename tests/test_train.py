@@ -1,0 +1,158 @@
+"""tools/train.py and keras_vit.training.train: flag validation, a full tiny run, kill -9 resume."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import keras_vit
+from keras_vit.training import ConfigError, TrainConfig, train, validate
+from tests.train_helpers import TINY_FLAGS, TRAIN, convert_digits, flag_list, run_train, subprocess_env
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return convert_digits(tmp_path_factory.mktemp("digits"))
+
+
+def tiny_config(data, model_dir, **overrides):
+    return TrainConfig(**(TINY_FLAGS | dict(train_data=data, eval_data=data,
+                                            model_dir=str(model_dir)) | overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, replicas, flag",
+    [
+        (dict(global_batch_size=10, grad_accum_steps=4), 1, "--global_batch_size=10"),
+        (dict(global_batch_size=12), 8, "--global_batch_size=12"),
+        (dict(optimizer="lamb"), 1, "--optimizer='lamb'"),
+        (dict(model="Q/16"), 1, "--model='Q/16'"),
+        (dict(image_size=18), 1, "--image_size=18"),
+        (dict(warmup_steps=20), 1, "--warmup_steps=20"),
+        (dict(total_steps=25), 1, "--checkpoint_every_steps=10"),
+        (dict(eval_every_steps=15), 1, "--eval_every_steps=15"),
+        (dict(steps_per_execution=3), 1, "--steps_per_execution=3"),
+        (dict(label_smoothing=1.0), 1, "--label_smoothing=1.0"),
+        (dict(weight_decay_exclude=("bias", "kernels")), 1, "--weight_decay_exclude"),
+        (dict(randaugment="strong", augment="crop_flip"), 1, "--randaugment='strong'"),
+        (dict(augment="none", mixup_alpha=0.2), 1, "--augment='none'"),
+        (dict(strategy="tpu"), 1, "--tpu=''"),
+        (dict(train_data=""), 1, "--train_data=''"),
+    ],
+)
+def test_validate_names_the_flag(tmp_path, overrides, replicas, flag):
+    config = tiny_config("data", tmp_path, **overrides)
+    with pytest.raises(ConfigError) as error:
+        validate(config, replicas)
+    assert str(error.value).startswith(flag)
+
+
+def test_validate_accepts_the_shipped_configs():
+    from absl import flags
+
+    for name in sorted(os.listdir(os.path.join(os.path.dirname(TRAIN), "..", "configs"))):
+        path = os.path.join(os.path.dirname(TRAIN), "..", "configs", name)
+        values = {}
+        for line in open(path):
+            line = line.strip()
+            if line.startswith("--") and "=" in line:
+                key, value = line[2:].split("=", 1)
+                values[key] = value
+            elif line.startswith("--"):
+                values[line[2:]] = True
+        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        assert set(values) <= set(fields), f"{name}: unknown flags {set(values) - set(fields)}"
+        typed = {}
+        for key, value in values.items():
+            default = fields[key].default
+            if isinstance(default, bool):
+                typed[key] = value is True or value == "true"
+            elif isinstance(default, tuple):
+                typed[key] = tuple(value.split(","))
+            else:
+                typed[key] = type(default)(value)
+        typed.setdefault("train_data", "placeholder")
+        typed.setdefault("model_dir", "placeholder")
+        if typed.get("model", "").startswith("npz:"):
+            typed["model"] = "B/16"  # the recipe's checkpoint is not here; the rest is checked
+        validate(TrainConfig(**typed), num_replicas=1)
+    del flags
+
+
+def test_command_line_rejects_bad_flags_before_work(tmp_path):
+    result = run_train(train_data=tmp_path / "none", model_dir=tmp_path / "m",
+                       **(TINY_FLAGS | dict(global_batch_size=10, grad_accum_steps=4)))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--global_batch_size=10" in result.stderr and "divisible" in result.stderr
+    assert not (tmp_path / "m").exists()
+    result = run_train(train_data=tmp_path, model_dir=tmp_path / "m", optimizer="lamb")
+    assert result.returncode != 0 and "flag --optimizer=lamb" in result.stderr
+
+
+def test_tiny_run_writes_the_model_directory(digits, tmp_path):
+    results = train(tiny_config(digits, tmp_path, total_steps=40, eval_every_steps=20,
+                                learning_rate=0.01))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["steps"] == 40 and saved["resumed_from_step"] == 0
+    assert saved["eval_top1"] == pytest.approx(results["eval_top1"])
+    # The head starts at zero, so the initial loss is exactly ln(10) = 2.3026; 40 steps must
+    # lower it and beat chance (0.1). top-5 >= top-1 by definition.
+    assert saved["eval_loss"] < np.log(10) - 0.1
+    assert 0.2 < saved["eval_top1"] <= saved["eval_top5"] <= 1.0
+    assert saved["train_images_per_sec"] > 0
+    model, class_names = keras_vit.load_classifier(str(tmp_path))
+    assert class_names == [str(i) for i in range(10)] and model.output_shape == (None, 10)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [
+        "ckpt-0000010.weights.h5", "ckpt-0000020.weights.h5", "ckpt-0000030.weights.h5",
+        "ckpt-0000040.weights.h5"]
+    assert os.listdir(tmp_path / "logs" / "train") and os.listdir(tmp_path / "logs" / "validation")
+    with h5py.File(tmp_path / "backup" / "latest.weights.h5") as backup:
+        assert "optimizer" in backup  # the backup holds the optimizer state for resuming
+
+
+def test_nan_loss_stops_with_a_clear_message(digits, tmp_path):
+    from keras_vit.training import TrainingNaNError
+
+    with pytest.raises(TrainingNaNError, match="learning_rate"):
+        train(tiny_config(digits, tmp_path, optimizer="sgd", learning_rate=1e30, momentum=0.0,
+                          grad_clip_norm=0.0))
+
+
+def _backup_epoch(model_dir):
+    try:
+        return json.loads((model_dir / "backup" / "training_metadata.json").read_text())["epoch"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_kill_9_resumes_from_the_step_reached(digits, tmp_path):
+    flags = TINY_FLAGS | dict(train_data=digits, eval_data=digits, model_dir=tmp_path,
+                              total_steps=600, checkpoint_every_steps=10, eval_every_steps=600,
+                              steps_per_execution=5)
+    process = subprocess.Popen([sys.executable, TRAIN, *flag_list(**flags)], env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while _backup_epoch(tmp_path) < 2 and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = _backup_epoch(tmp_path) * 10
+    assert 0 < killed_at < 600 and not (tmp_path / "results.json").exists()
+
+    result = run_train(**flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["resumed_from_step"] == killed_at  # not 0: restored weights + optimizer
+    assert results["steps"] == 600  # and it stops at the same total
+    # The restored optimizer state has its step counter: the learning-rate schedule continued.
+    assert results["eval_top1"] > 0.5

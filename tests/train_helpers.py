@@ -1,0 +1,69 @@
+"""Shared pieces of the training tests: a tiny config, converted digits, subprocess runs."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "tools" / "train.py")
+
+# A tiny ViT (patch 4, hidden 32, 2 layers) on 16x16 digits: seconds per run on 2 CPU cores.
+TINY_FLAGS = dict(
+    model="d32_l2_h4_m64_p4",
+    image_size=16,
+    pooling="gap",
+    global_batch_size=16,
+    optimizer="adam",
+    learning_rate=0.003,
+    warmup_steps=2,
+    total_steps=20,
+    checkpoint_every_steps=10,
+    eval_every_steps=10,
+    augment="none",
+    cache_data=True,
+    strategy="default",
+    seed=0,
+)
+
+
+def convert_digits(directory):
+    """sklearn digits, train and test splits, in `directory` (pipelines' converter)."""
+    import pipelines
+
+    for split in ("train", "test"):
+        pipelines.convert("digits:", str(directory), split=split, verbose=False)
+    return str(directory)
+
+
+def flag_list(**flags):
+    args = []
+    for name, value in flags.items():
+        if isinstance(value, bool):
+            args.append(f"--{name}" if value else f"--no{name}")
+        else:
+            args.append(f"--{name}={value}")
+    return args
+
+
+def subprocess_env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO),
+               CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
+
+
+def run_train(timeout=300, env=None, **flags):
+    return subprocess.run([sys.executable, TRAIN, *flag_list(**flags)], capture_output=True,
+                          text=True, timeout=timeout, env=env or subprocess_env(), cwd=REPO)
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
