@@ -187,8 +187,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         qkv = ops.reshape(
             self.qkv(tokens), (batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         )
-        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, H, T, D/H)
-        query, key, value = qkv[0], qkv[1], qkv[2]
+        # unstack, not qkv[0], qkv[1], qkv[2]: the gradient of an unstack is one stack, while
+        # each strided slice's gradient writes a zero-filled (3, B, H, T, D/H) copy (bench/NOTES.md).
+        query, key, value = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3)  # (B, H, T, D/H)
         query = query * ops.cast(self.head_dim ** -0.5, query.dtype)
         scores = ops.matmul(query, ops.transpose(key, (0, 1, 3, 2)))  # (B, H, T, T)
         # Softmax in float32 even under mixed precision: bfloat16 sums lose small weights.
@@ -309,7 +310,11 @@ class TransformerBlock(keras.layers.Layer):
         tokens = tokens + self.drop_path(attended, training=training)
 
         hidden = self.mlp_dense_1(self.mlp_norm(tokens))
-        hidden = keras.activations.gelu(hidden, approximate=True)
+        # GELU in float32 even under mixed precision: TensorFlow's CPU kernels run bfloat16
+        # element-wise ops several times slower than float32 ones (bench/NOTES.md).
+        hidden = ops.cast(
+            keras.activations.gelu(ops.cast(hidden, "float32"), approximate=True), hidden.dtype
+        )
         hidden = self.mlp_dropout_1(hidden, training=training)
         hidden = self.mlp_dropout_2(self.mlp_dense_2(hidden), training=training)
         tokens = tokens + self.drop_path(hidden, training=training)
