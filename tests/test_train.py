@@ -14,7 +14,7 @@ import pytest
 
 import keras_vit
 from keras_vit.training import ConfigError, TrainConfig, train, validate
-from tests.train_helpers import TINY_FLAGS, TRAIN, convert_digits, flag_list, run_train, subprocess_env
+from tests.test_train_helpers import TINY_FLAGS, TRAIN, convert_digits, flag_list, run_train, subprocess_env
 
 
 @pytest.fixture(scope="module")

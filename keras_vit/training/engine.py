@@ -219,6 +219,11 @@ def train(config):
     strategy = strategy_lib.create_strategy(config.strategy, config.tpu or None)
     replicas = strategy.num_replicas_in_sync
     validate(config, replicas)
+    if strategy_lib.is_multi_worker(strategy) and config.steps_per_execution > 1:
+        # Measured with Keras 3.15: the multi-step loop fails under MultiWorkerMirroredStrategy
+        # ("You must feed a value for placeholder tensor ... multi_step_on_iterator").
+        raise ConfigError(f"--steps_per_execution={config.steps_per_execution}: must be 1 under "
+                          "MultiWorkerMirroredStrategy (Keras's multi-step loop fails there).")
     chief = strategy_lib.is_chief(strategy)
     logging.info("Strategy %s with %d replica(s); this process is %s.",
                  type(strategy).__name__, replicas, "the chief" if chief else "a worker")

@@ -16,13 +16,18 @@ from absl import logging
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 
-# keras-team/keras#20585: `Model.fit` under MultiWorkerMirroredStrategy calls
-# `_maybe_symbolic_build`, which takes the first batch and all-reduces it with
-# `strategy.reduce("MEAN", batch)` in eager mode; the collective cross-device ops cannot convert
-# the PerReplica value ("ValueError: Attempt to convert a value (PerReplica...) to a Tensor").
-# The batch is only used for its shapes and dtypes, so the workaround builds from the local
-# replica's batch instead. Applied to the Keras versions known to have the bug; test_strategy_mw
-# fails when a newer Keras still has it (extend the range) or when this one no longer has it.
+# keras-team/keras#20585: `Model.fit` under MultiWorkerMirroredStrategy fails twice in Keras 3:
+# 1. `_maybe_symbolic_build` takes the first batch and all-reduces it with
+#    `strategy.reduce("MEAN", batch)` in eager mode; the collective cross-device ops cannot
+#    convert the PerReplica value ("ValueError: Attempt to convert a value (PerReplica...) to a
+#    Tensor"). The batch is only used for its shapes and dtypes: we build from the local
+#    replica's batch instead.
+# 2. the train/test step reduces its scalar logs (loss, metrics) with
+#    `strategy.reduce("MEAN", value, axis=0)`, which fails on a scalar ("Invalid reduction
+#    dimension 0 for input with 0 dimensions"); we reduce scalars with axis=None, the mean over
+#    replicas that MirroredStrategy gets.
+# Applied to the Keras versions known to have the bug; tests/test_strategy_multi_worker.py fails
+# when a newer Keras still has it (extend the range) or when this one no longer has it.
 FIT_BUG_KERAS_VERSIONS = ((3, 0), (3, 15))
 
 
@@ -122,15 +127,43 @@ def _local_symbolic_build(self, iterator=None, data_batch=None):
         self._symbolic_build(data_batch=data_batch)
 
 
+def _install_scalar_reduction_fix():
+    """Wraps Keras's TF `reduce_per_replica` so multi-worker scalar logs reduce with axis=None."""
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "_keras_vit_fix", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if not (is_multi_worker(strategy) and reduction in ("auto", "mean")):
+            return original(values, strategy, reduction)
+
+        def reduce(value):
+            # With one replica per worker the step's outputs are plain tensors, not PerReplica.
+            local = value
+            if isinstance(value, tf.distribute.DistributedValues):
+                local = strategy.experimental_local_results(value)[0]
+            if getattr(local, "shape", None) is not None and local.shape.rank == 0:
+                return strategy.reduce("MEAN", value, axis=None)
+            return original(value, strategy, reduction)
+
+        return tf.nest.map_structure(reduce, values)
+
+    reduce_per_replica._keras_vit_fix = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
 def fix_multi_worker_fit(model, strategy, force=None):
     """Makes `model.fit/evaluate` work under MultiWorkerMirroredStrategy (keras#20585).
 
-    Replaces `_maybe_symbolic_build` on this model object only, and only for a multi-worker
-    strategy on an affected Keras version (`force` overrides the version check).
-    Returns True when the workaround was applied.
+    Only for a multi-worker strategy on an affected Keras version (`force` overrides the version
+    check): replaces `_maybe_symbolic_build` on this model object, and wraps Keras's
+    `reduce_per_replica` (a no-op for every other strategy). Returns True when applied.
     """
     needed = keras_has_fit_bug() if force is None else force
     if not (needed and is_multi_worker(strategy)):
         return False
     model._maybe_symbolic_build = types.MethodType(_local_symbolic_build, model)
+    _install_scalar_reduction_fix()
     return True
