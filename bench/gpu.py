@@ -1,0 +1,131 @@
+r"""Training throughput and model FLOPs utilization (MFU) of keras_vit under the JAX backend.
+
+    KERAS_BACKEND=jax python bench/gpu.py                               # B/16, 224, bf16, GPU
+    python bench/gpu.py --variant=custom:patch=8,hidden=32,layers=1,heads=2,mlp=64 \
+        --image_size=16 --batch_size=8 --repeats=2                       # tiny, runs on a CPU
+
+Meant for an accelerator machine that has JAX but not TensorFlow: this script imports no
+TensorFlow (keras_vit's model code is backend-neutral). It times, alternating after warm-up,
+  - one training step of keras_vit (forward, backward, AdamW update) as `model.fit` runs it
+    under JAX (`train_on_batch`, jit-compiled, synchronized by fetching the loss);
+  - a (batch·tokens, D) @ (D, mlp_dim) matrix multiply in the compute dtype (the model's MLP
+    shape), under `jax.jit`, as the device's reachable rate;
+and reports images/s and MFU = model FLOP/s (keras_vit.flops: 2 per multiply-add, training
+step 3× forward) / measured matmul FLOP/s. The last line is
+    gpu_train images_per_s=X mfu=Y device=NAME
+"""
+
+import datetime
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+from absl import app, flags, logging  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_vit import flops  # noqa: E402
+from keras_vit.model import create_model  # noqa: E402
+
+from config import CUSTOM_EXAMPLE, parse_variant_flag  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
+
+_VARIANT = flags.DEFINE_string(
+    "variant", "B/16", f"A keras_vit variant (B/16, S/16, ...) or {CUSTOM_EXAMPLE}.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Square input side in pixels.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 256, "Images per step; the default fills an 80 GB GPU with B/16 at 224 in bf16.")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Width of the classification head.")
+_PRECISION = flags.DEFINE_enum(
+    "precision", "mixed_bfloat16", ["mixed_bfloat16", "float32"], "Keras dtype policy.")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed rounds; the median is reported.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls of each case first (compilation).")
+
+
+def training_case(config, image_size, batch_size, num_classes, policy):
+    """A callable running one jit-compiled keras_vit training step to completion."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = create_model(config, image_size=image_size, num_classes=num_classes)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype(np.float32)
+    labels = rng.integers(0, num_classes, (batch_size,)).astype(np.int32)
+    images, labels = jax.device_put(images), jax.device_put(labels)
+
+    def step():
+        # train_on_batch returns NumPy values, so the step has finished when it returns.
+        return model.train_on_batch(images, labels)
+
+    return step
+
+
+def matmul_case(rows, inner, columns, dtype):
+    """A callable running a jitted (rows, inner) @ (inner, columns) matmul to completion."""
+    keys = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(keys[0], (rows, inner), dtype)
+    b = jax.random.normal(keys[1], (inner, columns), dtype)
+    product = jax.jit(jnp.matmul)
+    return lambda: product(a, b).block_until_ready()
+
+
+def main(argv):
+    del argv
+    try:
+        config = parse_variant_flag(_VARIANT.value)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    size, batch = _IMAGE_SIZE.value, _BATCH_SIZE.value
+    if size % config.patch_size:
+        raise app.UsageError(
+            f"--image_size={size} is not a multiple of the patch size {config.patch_size}.")
+    if keras.backend.backend() != "jax":
+        raise app.UsageError(
+            f"bench/gpu.py measures the JAX backend; KERAS_BACKEND is {keras.backend.backend()!r}. "
+            "Run it with KERAS_BACKEND=jax (or unset).")
+    if batch < 1 or _REPEATS.value < 1 or _WARMUP.value < 0:
+        raise app.UsageError("--batch_size and --repeats must be >= 1, --warmup >= 0.")
+    device = jax.devices()[0]
+    logging.info("device %s (%s), %s", device.device_kind, device.platform, _PRECISION.value)
+    compute_dtype = jnp.bfloat16 if _PRECISION.value == "mixed_bfloat16" else jnp.float32
+    tokens = (size // config.patch_size) ** 2 + 1
+    cases = {
+        "train": training_case(config, size, batch, _NUM_CLASSES.value, _PRECISION.value),
+        "matmul": matmul_case(batch * tokens, config.hidden_size, config.mlp_dim, compute_dtype),
+    }
+    medians = interleaved_medians(cases, repeats=_REPEATS.value, warmup=_WARMUP.value)
+
+    step_flops = batch * flops.training_step_flops(
+        config, image_size=size, num_classes=_NUM_CLASSES.value)
+    model_rate = step_flops / medians["train"]
+    matmul_rate = flops.mlp_matmul_flops(config, batch, image_size=size) / medians["matmul"]
+    images_per_s = batch / medians["train"]
+    mfu = model_rate / matmul_rate
+    name = device.device_kind.replace(" ", "_")
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {device.platform} {device.device_kind}; "
+          f"load average {os.getloadavg()[0]:.2f}; JAX {jax.__version__}, Keras {keras.__version__}")
+    print(f"# {config}, image {size}, batch {batch}, {_PRECISION.value}; medians of "
+          f"{_REPEATS.value} alternating rounds; FLOP: 2/multiply-add, training step 3x forward")
+    print(f"train step  {medians['train'] * 1e3:10.4g} ms  {images_per_s:10.4g} images/s  "
+          f"{model_rate / 1e9:10.4g} GFLOP/s")
+    print(f"MLP matmul  {medians['matmul'] * 1e3:10.4g} ms  {matmul_rate / 1e9:10.4g} GFLOP/s "
+          f"({batch * tokens}x{config.hidden_size} @ {config.hidden_size}x{config.mlp_dim}, "
+          f"{jnp.dtype(compute_dtype).name})")
+    print(f"gpu_train images_per_s={images_per_s:.2f} mfu={mfu:.4f} device={name}")
+
+
+if __name__ == "__main__":
+    app.run(main)

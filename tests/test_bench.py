@@ -1,0 +1,99 @@
+"""bench/model.py and bench/gpu.py run end to end on a tiny ViT and print what they promise.
+
+The benchmarks' numbers are not tested (they are measurements); what is: that every case runs,
+the table has one row per (implementation, precision, XLA, mode), images/s agrees with ms/step
+and the batch, GFLOP/s agrees with keras_vit.flops, and the last lines have their fixed format.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from keras_vit import flops
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+from config import parse_variant_flag  # noqa: E402
+
+TINY = "custom:patch=8,hidden=32,layers=1,heads=2,mlp=64"
+SIZE, BATCH = 16, 4
+NUMBER = r"(\d+(?:\.\d+)?)"
+# Makes `import tensorflow` fail as on a machine without it (Keras checks sys.modules, so the
+# module is refused by an import hook rather than set to None there).
+_HIDE_TENSORFLOW = """
+import sys
+class _NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_text", "tf_keras"):
+            raise ImportError(f"{name} is hidden by the test: the GPU machine has no TensorFlow")
+sys.meta_path.insert(0, _NoTensorFlow())
+"""
+
+
+def _run(args, env_overrides=None, prelude=""):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env_overrides or {})}
+    code = (prelude + "import runpy, sys; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_parse_variant_flag():
+    config = parse_variant_flag(TINY)
+    assert (config.patch_size, config.hidden_size, config.num_layers, config.num_heads,
+            config.mlp_dim) == (8, 32, 1, 2, 64)
+    assert parse_variant_flag("B/16").hidden_size == 768
+    with pytest.raises(ValueError, match="lacks mlp"):
+        parse_variant_flag("custom:patch=8,hidden=32,layers=1,heads=2")
+    with pytest.raises(ValueError, match="cannot read 'width=3'"):
+        parse_variant_flag("custom:width=3")
+
+
+@pytest.mark.slow
+def test_model_benchmark_on_a_tiny_variant():
+    output = _run([
+        "bench/model.py", f"--variant={TINY}", f"--image_size={SIZE}", f"--batch_size={BATCH}",
+        "--num_classes=10", "--repeats=2", "--warmup=1", "--compare=keras_hub"])
+    lines = output.strip().splitlines()
+    rows = [line.split() for line in lines if re.match(r"^(keras_vit|keras_hub|matmul) +(fp32|bf16) ", line)]
+    keras_hub = any(row[0] == "keras_hub" for row in rows)
+    implementations = 2 if keras_hub else 1
+    # Per precision: 2 matmul rows + per implementation 2 XLA settings x 2 modes.
+    assert len(rows) == 2 * (2 + implementations * 4)
+    forward = flops.forward_flops(parse_variant_flag(TINY), image_size=SIZE, num_classes=10)
+    for name, precision, xla, mode, ms, images, gflops, percent in rows:
+        assert precision in ("fp32", "bf16") and xla in ("on", "off")
+        assert float(ms) > 0 and float(gflops) > 0 and float(percent.rstrip("%")) > 0
+        if name != "matmul":
+            assert abs(float(images) - BATCH / (float(ms) / 1e3)) <= 0.01 * float(images) + 0.01
+            work = forward * BATCH * (3 if mode == "train" else 1)
+            # GFLOP/s = work / seconds, within the rounding of the printed ms.
+            assert float(gflops) == pytest.approx(work / (float(ms) / 1e3) / 1e9, rel=0.1, abs=0.05)
+    assert re.fullmatch(rf"keras_vit bf16_train/fp32_train={NUMBER}", lines[-2])
+    value = NUMBER if keras_hub else "n/a"
+    match = re.fullmatch(
+        rf"speedup_vs_keras_hub fp32_infer={value} bf16_infer={value} fp32_train={value}", lines[-1])
+    assert match, lines[-1]
+    if keras_hub:
+        assert all(float(group) > 0 for group in match.groups())
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_on_cpu_under_jax_without_tensorflow():
+    # The GPU machine has no TensorFlow: hide it, as if it were not installed.
+    output = _run(
+        ["bench/gpu.py", f"--variant={TINY}", f"--image_size={SIZE}", f"--batch_size={BATCH}",
+         "--num_classes=10", "--repeats=2", "--warmup=1"],
+        env_overrides={"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"},
+        prelude=_HIDE_TENSORFLOW)
+    last = output.strip().splitlines()[-1]
+    match = re.fullmatch(rf"gpu_train images_per_s={NUMBER} mfu={NUMBER} device=(\S+)", last)
+    assert match, last
+    assert float(match.group(1)) > 0 and float(match.group(2)) > 0
+    assert match.group(3).lower() == "cpu"
