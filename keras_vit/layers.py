@@ -187,19 +187,21 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         qkv = ops.reshape(
             self.qkv(tokens), (batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         )
-        # unstack, not qkv[0], qkv[1], qkv[2]: the gradient of an unstack is one stack, while
-        # each strided slice's gradient writes a zero-filled (3, B, H, T, D/H) copy (bench/NOTES.md).
-        query, key, value = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3)  # (B, H, T, D/H)
+        # Queries, keys and values stay in (B, T, H, D/H), the projection's own layout: the
+        # einsums below read it as is, with no transposed copies in either direction
+        # (bench/NOTES.md). unstack, not qkv[:, :, 0] etc.: the gradient of an unstack is one
+        # stack, while each strided slice's gradient writes a zero-filled copy of all of qkv.
+        query, key, value = ops.unstack(qkv, 3, axis=2)
         query = query * ops.cast(self.head_dim ** -0.5, query.dtype)
-        scores = ops.matmul(query, ops.transpose(key, (0, 1, 3, 2)))  # (B, H, T, T)
+        scores = ops.einsum("bqhd,bkhd->bhqk", query, key)  # (B, H, T, T)
         # Softmax in float32 even under mixed precision: bfloat16 sums lose small weights.
         probabilities = ops.softmax(ops.cast(scores, "float32"), axis=-1)
-        attended = ops.matmul(
-            ops.cast(self.dropout(probabilities, training=training), value.dtype), value
+        attended = ops.einsum(
+            "bhqk,bkhd->bqhd",
+            ops.cast(self.dropout(probabilities, training=training), value.dtype),
+            value,
         )
-        attended = ops.reshape(
-            ops.transpose(attended, (0, 2, 1, 3)), (batch_size, num_tokens, hidden_size)
-        )
+        attended = ops.reshape(attended, (batch_size, num_tokens, hidden_size))
         outputs = self.out(attended)
         if return_attention_scores:
             return outputs, probabilities
