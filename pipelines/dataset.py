@@ -60,10 +60,10 @@ class BadRecordCounter:
         return self.num_bad_records + sum(n for _, n in self.shard_errors.values())
 
     def _mark_seen(self):
-        return self._seen.assign_add(1)
+        return self._seen.assign_add(1, read_value=False)
 
-    def _mark_delivered(self):
-        return self._delivered.assign_add(1)
+    def _mark_delivered(self, num_records):
+        return self._delivered.assign_add(tf.cast(num_records, tf.int64), read_value=False)
 
 
 def shard_files(files: list[str], input_context) -> list[str]:
@@ -307,29 +307,38 @@ def build_dataset(
     if on_bad_record == "skip":
         ds = ds.ignore_errors(log_warning=True)
 
-    def check_label(image, label, context):
-        label = label - label_offset
-        in_range = tf.greater_equal(label, 0)
-        if num_classes:
-            in_range = tf.logical_and(in_range, tf.less(label, num_classes))
-        assertion = tf.debugging.Assert(
-            in_range,
-            [f"label outside [0, {num_classes}) (after label_offset={label_offset}) in shard",
-             context, "label:", label],
-        )
-        with tf.control_dependencies([assertion, counter._mark_delivered()]):
-            return tf.identity(image), tf.cast(label, tf.int32)
-
-    ds = ds.map(check_label, num_parallel_calls=AUTOTUNE, deterministic=deterministic or not training)
-
     randaug = augment.make_randaugment(randaugment, seed) if training else None
     if randaug is not None:
         ds = ds.map(
-            lambda image, label: (tf.cast(randaug(image, training=True), tf.float32), label),
+            lambda image, label, context: (
+                tf.cast(randaug(image, training=True), tf.float32), label, context),
             num_parallel_calls=AUTOTUNE,
             deterministic=deterministic,
         )
-    ds = ds.batch(batch_size, drop_remainder=training)
+
+    # Labels are checked and delivered records counted per batch: one op per batch, not per image.
+    # The remainder is dropped after counting, so a finite training pass counts it as delivered.
+    def check_labels(images, labels, contexts):
+        labels = labels - label_offset
+        in_range = tf.greater_equal(labels, 0)
+        if num_classes:
+            in_range = tf.logical_and(in_range, tf.less(labels, num_classes))
+        bad = tf.logical_not(in_range)
+        assertion = tf.debugging.Assert(
+            tf.reduce_all(in_range),
+            [f"label outside [0, {num_classes}) (after label_offset={label_offset}) in shard",
+             tf.boolean_mask(contexts, bad), "label:", tf.boolean_mask(labels, bad)],
+        )
+        with tf.control_dependencies([assertion, counter._mark_delivered(tf.size(labels))]):
+            return tf.identity(images), tf.cast(labels, tf.int32)
+
+    ds = ds.batch(batch_size)
+    ds = ds.map(check_labels, num_parallel_calls=AUTOTUNE, deterministic=deterministic or not training)
+    if training:
+        ds = ds.filter(lambda images, labels: tf.equal(tf.shape(labels)[0], batch_size))
+        ds = ds.map(lambda images, labels: (
+            tf.ensure_shape(images, [batch_size, image_size, image_size, 3]),
+            tf.ensure_shape(labels, [batch_size])))
     if mixup_alpha > 0:
         ds = ds.map(augment.make_mixup(mixup_alpha, num_classes, seed), num_parallel_calls=AUTOTUNE)
 

@@ -101,6 +101,14 @@ def test_skip_counts_bad_records(bad_dir):
     assert ds.bad_records.count == 2
 
 
+def test_skip_in_a_finite_training_pass_counts_only_bad_records(bad_dir):
+    ds = pipelines.build_dataset(bad_dir, split="test", training=True, repeat=False,
+                                 image_size=4, batch_size=3, seed=0)
+    sizes = [int(y.shape[0]) for _, y in ds]
+    assert sizes == [3, 3]  # 8 good records, fixed-size batches, remainder of 2 dropped
+    assert ds.bad_records.count == 2
+
+
 def test_fail_raises_naming_the_shard(bad_dir):
     ds = pipelines.build_dataset(bad_dir, split="test", image_size=4, batch_size=3, on_bad_record="fail")
     with pytest.raises(tf.errors.InvalidArgumentError,
