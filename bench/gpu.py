@@ -41,7 +41,8 @@ _VARIANT = flags.DEFINE_string(
     "variant", "B/16", f"A keras_vit variant (B/16, S/16, ...) or {CUSTOM_EXAMPLE}.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Square input side in pixels.")
 _BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", 256, "Images per step; the default fills an 80 GB GPU with B/16 at 224 in bf16.")
+    "batch_size", 256,
+    "Images per step: large enough to keep a GPU busy (not tuned here: no GPU was available).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Width of the classification head.")
 _PRECISION = flags.DEFINE_enum(
     "precision", "mixed_bfloat16", ["mixed_bfloat16", "float32"], "Keras dtype policy.")

@@ -62,6 +62,10 @@ _XLA = flags.DEFINE_list("xla", ["off", "on"], "jit_compile settings to time: of
 _MODES = flags.DEFINE_list("modes", ["infer", "train"], "What to time: infer, train.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds; the median is reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls of each case before timing.")
+_INTERLEAVE_PRECISIONS = flags.DEFINE_boolean(
+    "interleave_precisions", True,
+    "Build the models of every precision at once and alternate all cases together, so bf16/fp32 "
+    "ratios see the same load (B/16: ~10 GB of memory); false times one precision at a time.")
 
 
 def build_keras_hub(config, image_size, num_classes):
@@ -172,34 +176,49 @@ def run(config):
     per_mode = {"infer": forward, "train": flops.training_step_flops(config, image_size=size,
                                                                       num_classes=classes)}
     mlp_flops = flops.mlp_matmul_flops(config, batch, image_size=size)
-    rows, matmul_gflops = [], {}
-    for policy in _PRECISIONS.value:
-        short, compute_dtype = PRECISIONS[policy]
-        keras.mixed_precision.set_global_policy(policy)
-        try:
-            models = {name: build(name, config, size, classes) for name in implementations}
-        finally:
-            keras.mixed_precision.set_global_policy("float32")
-        cases = matmul_cases(config, batch, size, compute_dtype, xla_settings)
-        for name, model in models.items():
-            cases.update(model_cases(name, model, images, labels, xla_settings, _MODES.value))
-        logging.info("%s: timing %d cases, %d warm-up + %d rounds", policy, len(cases),
+    # Groups of precisions timed together: all of them in one alternation (every ratio in the
+    # table measured under the same load), or one at a time (half the memory).
+    groups = [_PRECISIONS.value] if _INTERLEAVE_PRECISIONS.value else [[p] for p in _PRECISIONS.value]
+    medians = {}
+    for group in groups:
+        cases = {}
+        for policy in group:
+            short, compute_dtype = PRECISIONS[policy]
+            keras.mixed_precision.set_global_policy(policy)
+            try:
+                models = {name: build(name, config, size, classes) for name in implementations}
+            finally:
+                keras.mixed_precision.set_global_policy("float32")
+            for key, case in matmul_cases(config, batch, size, compute_dtype, xla_settings).items():
+                cases[(short,) + key] = case
+            for name, model in models.items():
+                for key, case in model_cases(name, model, images, labels, xla_settings,
+                                             _MODES.value).items():
+                    cases[(short,) + key] = case
+        logging.info("%s: timing %d cases, %d warm-up + %d rounds", "+".join(group), len(cases),
                      _WARMUP.value, _REPEATS.value)
-        medians = interleaved_medians(
+        medians.update(interleaved_medians(
             cases, repeats=_REPEATS.value, warmup=_WARMUP.value,
-            on_round=lambda index, _: logging.info("%s round %d done", policy, index + 1))
-        mm = max(mlp_flops / seconds for key, seconds in medians.items() if key[0] == "matmul")
-        matmul_gflops[short] = mm / 1e9
-        for (name, xla, mode), seconds in medians.items():
-            work = mlp_flops if name == "matmul" else per_mode[mode] * batch
-            rows.append({
-                "implementation": name, "precision": short, "xla": xla, "mode": mode,
-                "ms": seconds * 1e3, "images_per_s": None if name == "matmul" else batch / seconds,
-                "gflops": work / seconds / 1e9, "percent_of_matmul": 100 * work / seconds / mm,
-            })
+            on_round=lambda index, _: logging.info("round %d done", index + 1)))
         del models, cases
         keras.backend.clear_session()
-    return rows, matmul_gflops
+
+    matmul_rate = {}
+    for (short, name, xla, mode), seconds in medians.items():
+        if name == "matmul":
+            matmul_rate[short] = max(matmul_rate.get(short, 0.0), mlp_flops / seconds)
+    rows = []
+    for (short, name, xla, mode), seconds in medians.items():
+        work = mlp_flops if name == "matmul" else per_mode[mode] * batch
+        rows.append({
+            "implementation": name, "precision": short, "xla": xla, "mode": mode,
+            "ms": seconds * 1e3, "images_per_s": None if name == "matmul" else batch / seconds,
+            "gflops": work / seconds / 1e9,
+            "percent_of_matmul": 100 * work / seconds / matmul_rate[short],
+        })
+    rows.sort(key=lambda r: (r["precision"] != "fp32", IMPLEMENTATIONS.index(r["implementation"])
+                             if r["implementation"] in IMPLEMENTATIONS else -1, r["xla"], r["mode"]))
+    return rows, {short: rate / 1e9 for short, rate in matmul_rate.items()}
 
 
 def best(rows, implementation, precision, mode):
@@ -234,7 +253,7 @@ def main(argv):
     load_before = os.getloadavg()
     rows, matmul_gflops = run(config)
     load_after = os.getloadavg()
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {platform.node()} {os.cpu_count()} CPUs, "
+    print(f"# finished {datetime.datetime.now():%Y-%m-%d %H:%M} on {platform.node()}, {os.cpu_count()} CPUs, "
           f"load average before {load_before[0]:.2f} after {load_after[0]:.2f}; "
           f"TF {tf.__version__}, Keras {keras.__version__}")
     print(f"# {config}, image {_IMAGE_SIZE.value}, batch {_BATCH_SIZE.value}, "
