@@ -54,14 +54,21 @@ SIZES = {
 VARIANTS = ("Ti/16", "S/16", "S/32", "B/8", "B/16", "B/32", "L/16", "L/32", "H/14")
 
 _VARIANT_PATTERN = re.compile(r"^(?:vit[-_]?)?(ti|s|b|l|h)[/_-]?(\d+)$", re.IGNORECASE)
+# A custom size written as short_name writes it: d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch>.
+_CUSTOM_PATTERN = re.compile(r"^d(\d+)_l(\d+)_h(\d+)_m(\d+)_p(\d+)$")
 
 
 def parse_variant(variant):
-    """Returns the ViTConfig for "B/16", "ViT-B/16", "b16" or a ViTConfig (returned as is)."""
+    """Returns the ViTConfig for "B/16", "ViT-B/16", "b16", a custom "d64_l4_h4_m128_p4"
+    (hidden, layers, heads, MLP, patch) or a ViTConfig (returned as is)."""
     if isinstance(variant, ViTConfig):
         return variant
     if not isinstance(variant, str):
         raise TypeError(f"variant must be a string such as 'B/16' or a ViTConfig, got {variant!r}.")
+    custom = _CUSTOM_PATTERN.match(variant.strip())
+    if custom:
+        hidden_size, num_layers, num_heads, mlp_dim, patch_size = (int(v) for v in custom.groups())
+        return ViTConfig(patch_size, hidden_size, num_layers, num_heads, mlp_dim)
     match = _VARIANT_PATTERN.match(variant.strip())
     canonical = None
     if match:
@@ -70,7 +77,8 @@ def parse_variant(variant):
     if canonical not in VARIANTS:
         raise ValueError(
             f"Unknown ViT variant {variant!r}. Expected one of {', '.join(VARIANTS)} "
-            "(also written 'ViT-B/16' or 'b16'), or a keras_vit.ViTConfig for a custom size."
+            "(also written 'ViT-B/16' or 'b16'); for a custom size d<hidden>_l<layers>_h<heads>"
+            "_m<mlp>_p<patch> (e.g. d64_l4_h4_m128_p4) or a keras_vit.ViTConfig."
         )
     size, patch = canonical.split("/")
     hidden_size, num_layers, num_heads, mlp_dim = SIZES[size]

@@ -44,7 +44,15 @@ def test_variant_spellings(name):
     assert keras_vit.parse_variant(name) == keras_vit.ViTConfig(16, 768, 12, 12, 3072)
 
 
-@pytest.mark.parametrize("name", ["B/15", "X/16", "", "B/16/2"])
+def test_custom_size_round_trips_through_its_name():
+    config = keras_vit.ViTConfig(patch_size=4, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128)
+    assert keras_vit.variants.short_name(config) == "d64_l4_h4_m128_p4"
+    assert keras_vit.parse_variant("d64_l4_h4_m128_p4") == config
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        keras_vit.parse_variant("d64_l4_h3_m128_p4")
+
+
+@pytest.mark.parametrize("name", ["B/15", "X/16", "", "B/16/2", "d64_l4_h4_m128"])
 def test_unknown_variant_lists_the_known_ones(name):
     with pytest.raises(ValueError, match="Expected one of Ti/16, S/16"):
         keras_vit.parse_variant(name)

@@ -17,7 +17,6 @@ MIXED_PRECISION = {"none": None, "bfloat16": "mixed_bfloat16", "float16": "mixed
 POOLINGS = ("token", "gap")
 AUGMENTS = ("crop_flip", "none")
 # A custom encoder in the form of keras_vit's model names: d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch>.
-_CUSTOM = re.compile(r"^d(\d+)_l(\d+)_h(\d+)_m(\d+)_p(\d+)$")
 
 
 class ConfigError(ValueError):
@@ -85,10 +84,6 @@ def parse_model(model):
     """"B/16" -> ViTConfig; "d64_l4_h4_m128_p4" -> custom ViTConfig; "npz:PATH" -> "PATH"."""
     if model.startswith("npz:"):
         return model[len("npz:"):]
-    match = _CUSTOM.match(model)
-    if match:
-        hidden, layers, heads, mlp, patch = (int(value) for value in match.groups())
-        return ViTConfig(patch, hidden, layers, heads, mlp)
     return parse_variant(model)
 
 
@@ -108,8 +103,7 @@ def validate(config, num_replicas=1):
     try:
         parsed = parse_model(c.model)
     except (ValueError, TypeError) as error:
-        _fail("model", c.model, f"{error} Or npz:PATH for a checkpoint, or d<hidden>_l<layers>"
-              "_h<heads>_m<mlp>_p<patch> (e.g. d64_l4_h4_m128_p4) for a custom size.")
+        _fail("model", c.model, f"{error} Or npz:PATH for a checkpoint.")
     if isinstance(parsed, ViTConfig) and c.image_size % parsed.patch_size:
         _fail("image_size", c.image_size,
               f"must be a multiple of the patch size {parsed.patch_size} of --model={c.model}.")
