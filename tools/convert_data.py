@@ -14,11 +14,12 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pipelines  # noqa: E402
+from keras_vit import cli  # noqa: E402
 
 _SOURCE = flags.DEFINE_string(
     "source", None, "KIND:PATH: folder:DIR, cifar10:PATH, cifar100:PATH, tfds:NAME or digits:.",
@@ -53,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

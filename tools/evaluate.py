@@ -21,6 +21,7 @@ import pipelines  # noqa: E402
 from keras_vit import evaluation, load_classifier  # noqa: E402
 from keras_vit.analysis import figures  # noqa: E402
 from keras_vit.training.strategy import STRATEGIES, create_strategy  # noqa: E402
+from keras_vit import cli  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A .keras file, an .npz checkpoint or a training model directory.",
@@ -110,4 +111,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

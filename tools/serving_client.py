@@ -19,6 +19,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from keras_vit.serving import client  # noqa: E402
+from keras_vit import cli  # noqa: E402
 
 _SERVER = flags.DEFINE_string(
     "server", None, "host:port of TF Serving. Default: localhost:8501 (REST) / localhost:8500 (gRPC).")
@@ -74,4 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

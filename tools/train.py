@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from keras_vit.training import config as config_lib  # noqa: E402
 from keras_vit.training import engine  # noqa: E402
 from keras_vit.training.callbacks import TrainingNaNError  # noqa: E402
+from keras_vit import cli  # noqa: E402
 
 HELP = {
     "model": "B/16 (any keras_vit variant), npz:PATH (a Google checkpoint to fine-tune), or "
@@ -132,4 +133,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pipelines  # noqa: E402
 from keras_vit import analysis, evaluation, load_classifier  # noqa: E402
 from keras_vit.analysis import figures  # noqa: E402
+from keras_vit import cli  # noqa: E402
 
 KINDS = ("attention", "posemb", "attention_distance", "curves")
 
@@ -134,4 +135,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
