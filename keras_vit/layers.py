@@ -248,8 +248,8 @@ class StochasticDepth(keras.layers.Layer):
 def _dense_gelu_tensorflow(inputs, dense):
     """GELU(inputs @ kernel + bias) for (B, T, D) inputs, as ops TensorFlow's oneDNN fuses.
 
-    TensorFlow's graph rewriter fuses MatMul + BiasAdd + GELU into one oneDNN matmul (GELU
-    applied to the float32 accumulator) only for a 2-D MatMul followed by a BiasAdd op; Keras's
+    TensorFlow's graph rewriter fuses MatMul + BiasAdd + GELU into one oneDNN matmul only for
+    a 2-D MatMul followed by a BiasAdd op; Keras's
     Dense on 3-D inputs emits a tensordot and an AddV2, which it does not fuse. Measured on
     ViT-B/16 inference: 19% faster under mixed_bfloat16, 9% in float32 (bench/NOTES.md).
     Inference only: a training graph keeps the pre-activation for the backward pass, so nothing
@@ -333,7 +333,9 @@ class TransformerBlock(keras.layers.Layer):
         tokens = tokens + self.drop_path(attended, training=training)
 
         normed = self.mlp_norm(tokens)
-        if not training and keras.backend.backend() == "tensorflow":
+        # A quantized Dense (model.quantize) keeps its own kernel format: use its call.
+        if (not training and keras.backend.backend() == "tensorflow"
+                and getattr(self.mlp_dense_1, "quantization_mode", None) is None):
             hidden = _dense_gelu_tensorflow(normed, self.mlp_dense_1)
         else:
             hidden = self.mlp_dense_1(normed)
