@@ -66,8 +66,31 @@ def decode_rgb(image_bytes: tf.Tensor, context: tf.Tensor | str = "") -> tf.Tens
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """Bilinear resize of `(h, w, 3)` to float32 `(image_size, image_size, 3)` in [0, 255]."""
     # Bilinear weights are a convex combination, so uint8 input stays within [0, 255].
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    # Casting first gives bit-identical output, and TF's float kernel is about 1.6x faster than
+    # its uint8 one (measured 141 vs 227 us for 280x250 -> 224x224 on one core).
+    image = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size], method="bilinear")
     image.set_shape([image_size, image_size, 3])
+    return image
+
+
+def decode_for_eval(
+    image_bytes: tf.Tensor,
+    central_crop_fraction: float | None = None,
+    *,
+    context: tf.Tensor | str = "",
+) -> tf.Tensor:
+    """The decoding half of `preprocess_for_eval`: uint8 `(height, width, 3)` before the resize.
+
+    The input pipeline runs it before skipping bad records, and `resize` after (fused with the
+    batching); `preprocess_for_eval(b, s, f)` is exactly `resize(decode_for_eval(b, f), s)`.
+    """
+    image = decode_rgb(image_bytes, context)
+    if central_crop_fraction is not None:
+        if not 0.0 < central_crop_fraction <= 1.0:
+            raise ValueError(
+                f"central_crop_fraction must be in (0, 1], got {central_crop_fraction}."
+            )
+        image = tf.image.central_crop(image, central_crop_fraction)
     return image
 
 
@@ -96,11 +119,4 @@ def preprocess_for_eval(
       tf.errors.InvalidArgumentError: (when run) "input is not a decodable image ..." for bytes
         that are not JPEG/PNG/GIF/BMP.
     """
-    image = decode_rgb(image_bytes, context)
-    if central_crop_fraction is not None:
-        if not 0.0 < central_crop_fraction <= 1.0:
-            raise ValueError(
-                f"central_crop_fraction must be in (0, 1], got {central_crop_fraction}."
-            )
-        image = tf.image.central_crop(image, central_crop_fraction)
-    return resize(image, image_size)
+    return resize(decode_for_eval(image_bytes, central_crop_fraction, context=context), image_size)

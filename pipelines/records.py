@@ -38,6 +38,10 @@ FEATURE_SPEC = {
 }
 
 
+#: What the input pipeline needs: parsing only these is measurably cheaper per record.
+IMAGE_AND_LABEL_SPEC = {key: FEATURE_SPEC[key] for key in (IMAGE_ENCODED, LABEL)}
+
+
 def _bytes(value: bytes) -> tf.train.Feature:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
@@ -99,3 +103,9 @@ def decode_example_py(serialized: bytes) -> dict:
         values = list(getattr(feature, kind).value)
         out[key] = values[0] if len(values) == 1 else values
     return out
+
+
+def parse_image_and_label(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Parses `(image/encoded string scalar, image/class/label int64 scalar)` of one Example."""
+    features = tf.io.parse_single_example(serialized, IMAGE_AND_LABEL_SPEC)
+    return features[IMAGE_ENCODED], features[LABEL]
