@@ -195,3 +195,117 @@ def test_mixup_needs_num_classes_without_dataset_info(digits_dir, tmp_path):
     ds = pipelines.build_dataset(pattern, split="train", image_size=16, batch_size=8,
                                  mixup_alpha=0.5, num_classes=10)
     assert next(iter(ds))[1].shape == (8, 10)
+
+
+def jpeg(value, size=32):
+    buf = io.BytesIO()
+    rng = np.random.default_rng(value)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def corrupt_after_header(data):
+    """A JPEG whose headers are intact and whose entropy-coded data stops half-way."""
+    start_of_scan = data.index(b"\xff\xda")
+    return data[: start_of_scan + (len(data) - start_of_scan) // 2]
+
+
+@pytest.fixture(params=["corrupt_jpeg", "unparseable_example"])
+def one_bad_record_dir(tmp_path, request):
+    """Shard 0: 4 good JPEG records; shard 1: good (label 4), the bad record, good (label 6)."""
+    bad = ((corrupt_after_header(jpeg(5)), 5) if request.param == "corrupt_jpeg"
+           else (b"\x0a\x05\x0a\x03 truncated proto", None))
+
+    def jpeg_shard(path, items):
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for data, label in items:
+                writer.write(data if label is None else records.encode_example(
+                    data, image_format="jpeg", label=label, height=32, width=32))
+
+    jpeg_shard(tmp_path / "test-00000-of-00002.tfrecord", [(jpeg(i), i) for i in range(4)])
+    jpeg_shard(tmp_path / "test-00001-of-00002.tfrecord", [(jpeg(4), 4), bad, (jpeg(6), 6)])
+    write_info(tmp_path, [("test-00000-of-00002.tfrecord", 4), ("test-00001-of-00002.tfrecord", 3)])
+    return tmp_path, request.param
+
+
+def test_bad_record_truths_hold():
+    # The corrupt JPEG keeps a valid header (so only the decode proper fails) and TF rejects it.
+    data = corrupt_after_header(jpeg(5))
+    assert tf.image.extract_jpeg_shape(data).numpy().tolist() == [32, 32, 3]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_jpeg(data)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.parse_single_example(b"\x0a\x05\x0a\x03 truncated proto", records.FEATURE_SPEC)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fail_mode_names_the_shard_of_a_corrupt_record(one_bad_record_dir, training):
+    directory, kind = one_bad_record_dir
+    expected = ("not a decodable image" if kind == "corrupt_jpeg"
+                else "not a parseable tf.train.Example")
+    ds = pipelines.build_dataset(directory, split="test", training=training, repeat=False,
+                                 image_size=8, batch_size=2, seed=0, on_bad_record="fail")
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=f"(?s){expected}.*test-00001-of-00002.tfrecord"):
+        collect(ds)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_skip_mode_counts_a_corrupt_record(one_bad_record_dir, training):
+    directory, _ = one_bad_record_dir
+    ds = pipelines.build_dataset(directory, split="test", training=training, repeat=False,
+                                 image_size=8, batch_size=1, seed=0)
+    _, labels = collect(ds)
+    assert sorted(labels.tolist()) == [0, 1, 2, 3, 4, 6]
+    assert ds.bad_records.count == 1
+
+
+def test_fail_mode_reads_good_data_like_skip_mode(digits_dir):
+    def images(mode):
+        return collect(pipelines.build_dataset(digits_dir, split="test", image_size=16,
+                                               batch_size=64, on_bad_record=mode))
+
+    (x_skip, y_skip), (x_fail, y_fail) = images("skip"), images("fail")
+    np.testing.assert_array_equal(y_skip, y_fail)
+    np.testing.assert_array_equal(x_skip, x_fail)
+    assert len(y_fail) == 359
+
+
+# ----------------------------------------------------------------------------- augment option
+
+
+def eval_preprocessed_records(directory, split, image_size):
+    """Truth: `preprocess_for_eval` of every record's bytes, read in Python: {bytes: label}."""
+    out = {}
+    for path in sorted(directory.glob(f"{split}-*.tfrecord")):
+        for serialized in tf.data.TFRecordDataset(str(path)):
+            example = records.decode_example_py(serialized.numpy())
+            image = pipelines.preprocess_for_eval(example[records.IMAGE_ENCODED], image_size)
+            out[image.numpy().tobytes()] = example[records.LABEL]
+    return out
+
+
+@pytest.mark.parametrize("augment", ["none", "inception_crop"])
+def test_augment_none_trains_on_the_eval_preprocessing(digits_dir, augment):
+    truth = eval_preprocessed_records(digits_dir, "train", 24)
+    ds = pipelines.build_dataset(digits_dir, split="train", image_size=24, batch_size=32,
+                                 shuffle_buffer=500, repeat=False, seed=0, augment=augment)
+    assert ds.element_spec[0].shape.as_list() == [32, 24, 24, 3]
+    images, labels = collect(ds)
+    found = [truth.get(x.tobytes()) for x in images]
+    if augment == "none":
+        # Every training image is exactly the eval preprocessing of a record, with its label...
+        assert found == labels.tolist()
+        # ...a full pass but the dropped remainder, shuffled (not in the order written).
+        assert len(labels) == 1438 // 32 * 32
+        in_order = collect(pipelines.build_dataset(
+            digits_dir, split="train", training=False, image_size=24, batch_size=32))[1]
+        assert labels.tolist() != in_order[: len(labels)].tolist()
+    else:  # the Inception crop and flip change (nearly) every image
+        assert sum(f is not None for f in found) < len(found) // 2
+
+
+def test_augment_must_be_known(digits_dir):
+    with pytest.raises(ValueError, match="augment must be one of"):
+        pipelines.build_dataset(digits_dir, split="train", image_size=8, batch_size=4,
+                                augment="crop_flip")
