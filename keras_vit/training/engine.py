@@ -73,28 +73,8 @@ def build_model(config, num_classes):
     )
 
 
-def _unaugmented_train_dataset(config, context, batch_size, num_classes):
-    """Training batches with the eval preprocessing only (no crop, no flip), shuffled, repeated.
-
-    For data where the Inception crop and the horizontal flip destroy the label (digits).
-    """
-    examples = pipelines.build_dataset(
-        config.train_data,
-        split=config.train_split,
-        image_size=config.image_size,
-        batch_size=batch_size,
-        input_context=context,
-        training=False,
-        repeat=True,
-        cache=config.cache_data,
-        num_classes=num_classes,
-        tfds_data_dir=config.tfds_data_dir or None,
-    ).unbatch()
-    return (
-        examples.shuffle(config.shuffle_buffer, seed=config.seed)
-        .batch(batch_size, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+#: --augment flag value -> `pipelines.build_dataset(augment=...)`.
+_AUGMENT_MODES = {"crop_flip": "inception_crop", "none": "none"}
 
 
 def make_datasets(config, strategy, num_classes):
@@ -103,8 +83,6 @@ def make_datasets(config, strategy, num_classes):
 
     def train_fn(context):
         batch_size = context.get_per_replica_batch_size(config.micro_batch_size)
-        if config.augment == "none":
-            return _unaugmented_train_dataset(config, context, batch_size, num_classes)
         return pipelines.build_dataset(
             config.train_data,
             split=config.train_split,
@@ -115,6 +93,7 @@ def make_datasets(config, strategy, num_classes):
             num_classes=num_classes,
             shuffle_buffer=config.shuffle_buffer,
             cache=config.cache_data,
+            augment=_AUGMENT_MODES[config.augment],
             randaugment=config.randaugment or None,
             mixup_alpha=config.mixup_alpha,
             tfds_data_dir=tfds_dir,
