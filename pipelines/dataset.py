@@ -1,8 +1,9 @@
 """`build_dataset`: the tf.data input pipeline for training and evaluation.
 
-Training: shard files per input pipeline, shuffle files, parallel interleave, shuffle records,
-parallel decode of an Inception crop (only the crop window of a JPEG is decoded), flip, resize,
-optional RandAugment, repeat, fixed-shape batches, optional mixup, prefetch.
+Training: shard files per input pipeline, shuffle and repeat the file list, parallel interleave,
+shuffle records, parallel decode of an Inception crop (only the crop window of a JPEG is decoded)
+and flip (or, with `augment="none"`, the eval decode), skip bad records, resize fused with the
+batching, optional RandAugment, fixed-shape batches, optional mixup, prefetch.
 Evaluation: every example exactly once, in the order of the (sorted) shards and of the records
 within them, `preprocess_for_eval`, a final partial batch.
 
