@@ -242,8 +242,8 @@ def format_table(rows):
         images = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.2f}"
         lines.append(
             f"{r['implementation']:<15}{r['precision']:<10}{'on' if r['xla'] else 'off':<5}"
-            f"{r['mode']:<7}{r['ms']:>10.4g}{images:>10}{r['gflops']:>10.1f}"
-            f"{r['percent_of_matmul']:>8.0f}%")
+            f"{r['mode']:<7}{r['ms']:>10.4g}{images:>10}{r['gflops']:>10.4g}"
+            f"{r['percent_of_matmul']:>8.3g}%")
     return "\n".join(lines)
 
 
