@@ -1,7 +1,7 @@
 r"""Training throughput and model FLOPs utilization (MFU) of keras_vit under the JAX backend.
 
     KERAS_BACKEND=jax python bench/gpu.py                               # B/16, 224, bf16, GPU
-    python bench/gpu.py --variant=custom:patch=8,hidden=32,layers=1,heads=2,mlp=64 \
+    python bench/gpu.py --variant=d32_l1_h2_m64_p8 \
         --image_size=16 --batch_size=8 --repeats=2                       # tiny, runs on a CPU
 
 Meant for an accelerator machine that has JAX but not TensorFlow: this script imports no
@@ -31,14 +31,14 @@ import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import keras_vit  # noqa: E402
 from keras_vit import flops  # noqa: E402
 from keras_vit.model import create_model  # noqa: E402
 
-from config import CUSTOM_EXAMPLE, parse_variant_flag  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
 _VARIANT = flags.DEFINE_string(
-    "variant", "B/16", f"A keras_vit variant (B/16, S/16, ...) or {CUSTOM_EXAMPLE}.")
+    "variant", "B/16", "A keras_vit variant (B/16, S/16, ...) or a custom d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch>.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Square input side in pixels.")
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 256,
@@ -86,7 +86,7 @@ def matmul_case(rows, inner, columns, dtype):
 def main(argv):
     del argv
     try:
-        config = parse_variant_flag(_VARIANT.value)
+        config = keras_vit.parse_variant(_VARIANT.value)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     size, batch = _IMAGE_SIZE.value, _BATCH_SIZE.value

@@ -2,7 +2,7 @@ r"""Speed of keras_vit against keras-hub's ViT on this machine (TensorFlow backe
 
     python bench/model.py --variant=B/16 --image_size=224 --batch_size=8 --compare=keras_hub
     python bench/model.py --variant=S/16 --repeats=3                      # quicker
-    python bench/model.py --variant=custom:patch=8,hidden=32,layers=1,heads=2,mlp=64 \
+    python bench/model.py --variant=d32_l1_h2_m64_p8 \
         --image_size=16 --repeats=2 --warmup=1                             # seconds
 
 In one process, for each precision (float32, then the mixed_bfloat16 policy), builds both
@@ -42,14 +42,13 @@ import tensorflow as tf  # noqa: E402
 import keras_vit  # noqa: E402
 from keras_vit import flops  # noqa: E402
 
-from config import CUSTOM_EXAMPLE, parse_variant_flag  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
 PRECISIONS = {"float32": ("fp32", "float32"), "mixed_bfloat16": ("bf16", "bfloat16")}
 IMPLEMENTATIONS = ("keras_vit", "keras_hub")
 
 _VARIANT = flags.DEFINE_string(
-    "variant", "B/16", f"A keras_vit variant (B/16, S/16, ...) or {CUSTOM_EXAMPLE}.")
+    "variant", "B/16", "A keras_vit variant (B/16, S/16, ...) or a custom d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch>.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Square input side in pixels.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per step.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Width of the classification head.")
@@ -142,7 +141,7 @@ def _check_flags():
     if _BATCH_SIZE.value < 1 or _REPEATS.value < 1 or _WARMUP.value < 0:
         raise app.UsageError("--batch_size and --repeats must be >= 1, --warmup >= 0.")
     try:
-        config = parse_variant_flag(_VARIANT.value)
+        config = keras_vit.parse_variant(_VARIANT.value)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     if _IMAGE_SIZE.value % config.patch_size:

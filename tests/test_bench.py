@@ -12,13 +12,11 @@ import sys
 
 import pytest
 
+import keras_vit
 from keras_vit import flops
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "bench"))
-from config import parse_variant_flag  # noqa: E402
-
-TINY = "custom:patch=8,hidden=32,layers=1,heads=2,mlp=64"
+TINY = "d32_l1_h2_m64_p8"  # hidden 32, 1 layer, 2 heads, MLP 64, patch 8
 SIZE, BATCH = 16, 4
 NUMBER = r"(\d+(?:\.\d+)?)"
 # Makes `import tensorflow` fail as on a machine without it (Keras checks sys.modules, so the
@@ -44,17 +42,6 @@ def _run(args, env_overrides=None, prelude=""):
     return result.stdout
 
 
-def test_parse_variant_flag():
-    config = parse_variant_flag(TINY)
-    assert (config.patch_size, config.hidden_size, config.num_layers, config.num_heads,
-            config.mlp_dim) == (8, 32, 1, 2, 64)
-    assert parse_variant_flag("B/16").hidden_size == 768
-    with pytest.raises(ValueError, match="lacks mlp"):
-        parse_variant_flag("custom:patch=8,hidden=32,layers=1,heads=2")
-    with pytest.raises(ValueError, match="cannot read 'width=3'"):
-        parse_variant_flag("custom:width=3")
-
-
 @pytest.mark.slow
 def test_model_benchmark_on_a_tiny_variant():
     output = _run([
@@ -66,7 +53,7 @@ def test_model_benchmark_on_a_tiny_variant():
     implementations = 2 if keras_hub else 1
     # Per precision: 2 matmul rows + per implementation 2 XLA settings x 2 modes.
     assert len(rows) == 2 * (2 + implementations * 4)
-    forward = flops.forward_flops(parse_variant_flag(TINY), image_size=SIZE, num_classes=10)
+    forward = flops.forward_flops(keras_vit.parse_variant(TINY), image_size=SIZE, num_classes=10)
     for name, precision, xla, mode, ms, images, gflops, percent in rows:
         assert precision in ("fp32", "bf16") and xla in ("on", "off")
         assert float(ms) > 0 and float(gflops) > 0 and float(percent.rstrip("%")) > 0
