@@ -5,11 +5,15 @@ decoupled weight decay (pre-training, Table 3) or AdamW, all with global-norm gr
 gradient accumulation (`gradient_accumulation_steps`) and weight decay restricted to the
 kernels: biases, LayerNorm scales/offsets and the position embedding / class token are excluded
 (the default of big_vision, whose `wd_mults` decay only `.*/kernel`).
+
+The optimizers are Keras's, with each variable's update fused into one TensorFlow kernel
+(`fused_optimizers`): same arithmetic, ~2x less optimizer time on TensorFlow.
 """
 
 import keras
 
 from keras_vit import layers as vit_layers
+from keras_vit.training.fused_optimizers import FusedAdamW, FusedSGD
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WEIGHT_DECAY_GROUPS = ("bias", "norm", "embedding")
@@ -58,12 +62,12 @@ def build_optimizer(
     global_clipnorm=None,
     gradient_accumulation_steps=1,
 ):
-    """Returns a Keras optimizer.
+    """Returns a Keras optimizer: `FusedSGD` for "sgd", `FusedAdamW` for "adam" and "adamw".
 
     Args:
-        name: "sgd" (heavy-ball momentum), "adam" or "adamw". Keras applies `weight_decay`
-            decoupled (`w -= lr * weight_decay * w`) for all three, so "adam" with weight decay
-            is the paper's pre-training optimizer and equals "adamw".
+        name: "sgd" (heavy-ball momentum), "adam" or "adamw". `weight_decay` is decoupled
+            (`w -= lr * weight_decay * w`) for all three, so "adam" with weight decay is the
+            paper's pre-training optimizer and equals "adamw" (the same class).
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`.
         model: the model to train; needed when `weight_decay > 0` to find the excluded
             variables (call under the strategy scope, before the optimizer is built).
@@ -90,12 +94,10 @@ def build_optimizer(
         ),
     )
     if name == "sgd":
-        optimizer = keras.optimizers.SGD(momentum=momentum, **common)
-    elif name == "adam":
-        optimizer = keras.optimizers.Adam(beta_1=beta1, beta_2=beta2, **common)
+        optimizer = FusedSGD(momentum=momentum, **common)
     else:
-        common["weight_decay"] = weight_decay
-        optimizer = keras.optimizers.AdamW(beta_1=beta1, beta_2=beta2, **common)
+        common["weight_decay"] = weight_decay  # AdamW needs a number; 0 decays nothing.
+        optimizer = FusedAdamW(beta_1=beta1, beta_2=beta2, **common)
     if weight_decay and weight_decay_exclude:
         if model is None:
             raise ValueError("build_optimizer needs `model` to exclude variables from weight decay.")
