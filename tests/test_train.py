@@ -45,6 +45,7 @@ def tiny_config(data, model_dir, **overrides):
         (dict(augment="none", mixup_alpha=0.2), 1, "--augment='none'"),
         (dict(strategy="tpu"), 1, "--tpu=''"),
         (dict(train_data=""), 1, "--train_data=''"),
+        (dict(keep_checkpoints=-1), 1, "--keep_checkpoints=-1"),
     ],
 )
 def test_validate_names_the_flag(tmp_path, overrides, replicas, flag):
@@ -98,7 +99,7 @@ def test_command_line_rejects_bad_flags_before_work(tmp_path):
 
 def test_tiny_run_writes_the_model_directory(digits, tmp_path):
     results = train(tiny_config(digits, tmp_path, total_steps=40, eval_every_steps=20,
-                                learning_rate=0.01))
+                                learning_rate=0.01, keep_checkpoints=3))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["steps"] == 40 and saved["resumed_from_step"] == 0
     assert saved["eval_top1"] == pytest.approx(results["eval_top1"])
@@ -109,9 +110,9 @@ def test_tiny_run_writes_the_model_directory(digits, tmp_path):
     assert saved["train_images_per_sec"] > 0
     model, class_names = keras_vit.load_classifier(str(tmp_path))
     assert class_names == [str(i) for i in range(10)] and model.output_shape == (None, 10)
+    # Saved at steps 10, 20, 30, 40; --keep_checkpoints=3 removed the oldest.
     assert sorted(os.listdir(tmp_path / "checkpoints")) == [
-        "ckpt-0000010.weights.h5", "ckpt-0000020.weights.h5", "ckpt-0000030.weights.h5",
-        "ckpt-0000040.weights.h5"]
+        "ckpt-0000020.weights.h5", "ckpt-0000030.weights.h5", "ckpt-0000040.weights.h5"]
     assert os.listdir(tmp_path / "logs" / "train") and os.listdir(tmp_path / "logs" / "validation")
     with h5py.File(tmp_path / "backup" / "latest.weights.h5") as backup:
         assert "optimizer" in backup  # the backup holds the optimizer state for resuming
@@ -156,3 +157,15 @@ def test_kill_9_resumes_from_the_step_reached(digits, tmp_path):
     assert results["steps"] == 600  # and it stops at the same total
     # The restored optimizer state has its step counter: the learning-rate schedule continued.
     assert results["eval_top1"] > 0.5
+
+
+@pytest.mark.parametrize("keep, left", [(2, [9, 10]), (0, [1, 2, 9, 10]), (5, [1, 2, 9, 10])])
+def test_prune_checkpoints_keeps_the_newest(tmp_path, keep, left):
+    from keras_vit.training.callbacks import PruneCheckpoints
+
+    for step in (1, 2, 9, 10):  # Zero-padded names sort in step order (9 < 10).
+        (tmp_path / f"ckpt-{step:07d}.weights.h5").write_bytes(b"w")
+    (tmp_path / "other.txt").write_text("not a checkpoint")
+    PruneCheckpoints(str(tmp_path / "ckpt-*.weights.h5"), keep).on_epoch_end(0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"ckpt-{step:07d}.weights.h5" for step in left] + ["other.txt"])

@@ -71,6 +71,7 @@ HELP = {
     "model_dir": "Checkpoints, logs, backup, model.keras, results.json.",
     "eval_every_steps": "Evaluate every this many updates (a multiple of checkpoint_every_steps).",
     "checkpoint_every_steps": "Back up and checkpoint every this many updates.",
+    "keep_checkpoints": "Keep the newest N files in MODEL_DIR/checkpoints (0 = all).",
     "seed": "Seed of initialization, data order and augmentation.",
     "deterministic": "Deterministic input pipeline (slower).",
 }

@@ -5,10 +5,13 @@ optimizer updates, so an epoch boundary is where BackupAndRestore and ModelCheck
 `epoch * updates_per_epoch` is the global update step.
 """
 
+import glob
+import os
 import time
 
 import keras
 import numpy as np
+from absl import logging
 
 
 class TrainingNaNError(FloatingPointError):
@@ -78,3 +81,26 @@ class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
                 "a longer --warmup_steps, --grad_clip_norm=1, or --mixed_precision=bfloat16 "
                 "instead of float16; and check the input data."
             )
+
+
+class PruneCheckpoints(keras.callbacks.Callback):
+    """Keeps only the newest `keep` files matching `pattern` after each epoch's save.
+
+    Put it after the ModelCheckpoint that writes them. File names must sort in step order (as
+    ModelCheckpoint's zero-padded "ckpt-{step:07d}.weights.h5" do). `keep=0` keeps all.
+    """
+
+    def __init__(self, pattern, keep):
+        super().__init__()
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}.")
+        self.pattern = pattern
+        self.keep = int(keep)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.keep:
+            return
+        files = sorted(glob.glob(self.pattern))
+        for path in files[: -self.keep]:
+            os.remove(path)
+            logging.info("Removed old checkpoint %s (--keep_checkpoints=%d).", path, self.keep)

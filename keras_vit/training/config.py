@@ -71,6 +71,7 @@ class TrainConfig:
     model_dir: str = ""
     eval_every_steps: int = 1000
     checkpoint_every_steps: int = 1000
+    keep_checkpoints: int = 5
     seed: int = 0
     deterministic: bool = False
 
@@ -155,6 +156,9 @@ def validate(config, num_replicas=1):
     if eval_batch % num_replicas:
         _fail("eval_batch_size", c.eval_batch_size,
               f"the eval batch ({eval_batch}) must be divisible by the {num_replicas} replicas.")
+    if c.keep_checkpoints < 0:
+        _fail("keep_checkpoints", c.keep_checkpoints,
+              "expected >= 1 (the newest checkpoints/ files kept), or 0 to keep all.")
     if c.total_steps % c.checkpoint_every_steps:
         _fail("checkpoint_every_steps", c.checkpoint_every_steps,
               f"must divide --total_steps={c.total_steps} (training runs in chunks of "

@@ -171,12 +171,15 @@ def make_callbacks(config, strategy, chief):
         keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=False),
     ]
     if chief:
+        checkpoints = os.path.join(config.model_dir, "checkpoints")
         callbacks += [
             keras.callbacks.ModelCheckpoint(
-                os.path.join(config.model_dir, "checkpoints", "ckpt-{step:07d}.weights.h5"),
+                os.path.join(checkpoints, "ckpt-{step:07d}.weights.h5"),
                 save_weights_only=True,
                 save_freq="epoch",
             ),
+            callbacks_lib.PruneCheckpoints(
+                os.path.join(checkpoints, "ckpt-*.weights.h5"), config.keep_checkpoints),
             keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"), update_freq="epoch"),
         ]
     return callbacks, throughput
