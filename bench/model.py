@@ -9,8 +9,13 @@ In one process, for each precision (float32, then the mixed_bfloat16 policy), bu
 models and times, alternating round by round after warm-up, the median of `--repeats` calls of:
   - forward: `model(images, training=False)` under `tf.function` (what `predict` runs);
   - train: the model's own Keras `train_step` (forward, backward, AdamW update; what `fit`
-    runs) under `tf.function`;
-each with XLA off and on (`jit_compile`), and a (batch·tokens, D) @ (D, mlp_dim) matrix
+    runs) under `tf.function`. keras-hub's side uses `keras.optimizers.AdamW` (keras-hub has
+    no optimizer of its own); keras_vit's uses the optimizer its trainer builds, `FusedAdamW`
+    (the same AdamW arithmetic in one TensorFlow kernel per variable); with
+    `--keras_vit_optimizer=fused,keras` also keras_vit with `keras.optimizers.AdamW` (rows
+    `keras_vit_adamw`, train only, and a `models_alone` line), to compare the models alone.
+    All: learning rate 1e-4, Keras's default weight decay 0.004 on every variable.
+Each case with XLA off and on (`jit_compile`); and a (batch·tokens, D) @ (D, mlp_dim) matrix
 multiply in the precision's compute dtype as the machine's reference rate.
 
 FLOP convention (keras_vit.flops): 2 per multiply-add, matrix multiplies only, a training step
@@ -41,11 +46,14 @@ import tensorflow as tf  # noqa: E402
 
 import keras_vit  # noqa: E402
 from keras_vit import flops  # noqa: E402
+from keras_vit.training.fused_optimizers import FusedAdamW  # noqa: E402
 
 from timing import interleaved_medians  # noqa: E402
 
 PRECISIONS = {"float32": ("fp32", "float32"), "mixed_bfloat16": ("bf16", "bfloat16")}
-IMPLEMENTATIONS = ("keras_vit", "keras_hub")
+# keras_vit_adamw: keras_vit trained with keras.optimizers.AdamW (--keras_vit_optimizer=keras).
+IMPLEMENTATIONS = ("keras_vit", "keras_vit_adamw", "keras_hub")
+_OPTIMIZER_IMPLEMENTATION = {"fused": "keras_vit", "keras": "keras_vit_adamw"}
 
 _VARIANT = flags.DEFINE_string(
     "variant", "B/16", "A keras_vit variant (B/16, S/16, ...) or a custom d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch>.")
@@ -55,6 +63,11 @@ _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Width of the classific
 _COMPARE = flags.DEFINE_enum(
     "compare", "keras_hub", ["keras_hub", "none"],
     "Also time keras-hub's ViTBackbone + Dense head (needs the keras-hub package).")
+_KERAS_VIT_OPTIMIZER = flags.DEFINE_list(
+    "keras_vit_optimizer", ["fused"],
+    "keras_vit's AdamW in the train cases, one or both: fused (keras_vit.training's FusedAdamW, "
+    "what tools/train.py uses; rows 'keras_vit') and keras (keras.optimizers.AdamW as on "
+    "keras-hub's side, to compare the models alone; rows 'keras_vit_adamw', train only).")
 _PRECISIONS = flags.DEFINE_list(
     "precisions", list(PRECISIONS), f"Keras dtype policies to time, of {list(PRECISIONS)}.")
 _XLA = flags.DEFINE_list("xla", ["off", "on"], "jit_compile settings to time: off, on.")
@@ -86,14 +99,20 @@ def build_keras_hub(config, image_size, num_classes):
 
 
 def build(implementation, config, image_size, num_classes):
-    if implementation == "keras_vit":
+    if implementation.startswith("keras_vit"):
         return keras_vit.create_model(config, image_size=image_size, num_classes=num_classes)
     return build_keras_hub(config, image_size, num_classes)
 
 
-def _compile(model):
+def _optimizer(implementation):
+    if implementation == "keras_vit":
+        return FusedAdamW(learning_rate=1e-4)
+    return keras.optimizers.AdamW(learning_rate=1e-4)
+
+
+def _compile(model, implementation):
     model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=1e-4),
+        optimizer=_optimizer(implementation),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=False,
     )
@@ -101,7 +120,7 @@ def _compile(model):
 
 def model_cases(name, model, images, labels, xla_settings, modes):
     """{case name: callable} for one built model; each call runs one step to completion."""
-    _compile(model)
+    _compile(model, name)
     model.train_on_batch(images, labels)  # Builds the optimizer's slots outside any tf.function.
     cases = {}
     for xla in xla_settings:
@@ -132,6 +151,10 @@ def _check_flags():
     for value in _PRECISIONS.value:
         if value not in PRECISIONS:
             raise app.UsageError(f"--precisions: unknown {value!r}; expected some of {list(PRECISIONS)}.")
+    if not _KERAS_VIT_OPTIMIZER.value or any(
+            value not in _OPTIMIZER_IMPLEMENTATION for value in _KERAS_VIT_OPTIMIZER.value):
+        raise app.UsageError(f"--keras_vit_optimizer: {_KERAS_VIT_OPTIMIZER.value}; expected fused "
+                             "and/or keras.")
     for value in _XLA.value:
         if value not in ("off", "on"):
             raise app.UsageError(f"--xla: unknown {value!r}; expected off and/or on.")
@@ -162,7 +185,7 @@ def run(config):
     """Times every case; returns (rows, matmul_gflops) with rows of dicts."""
     batch, size, classes = _BATCH_SIZE.value, _IMAGE_SIZE.value, _NUM_CLASSES.value
     xla_settings = [value == "on" for value in _XLA.value]
-    implementations = ["keras_vit"]
+    implementations = [_OPTIMIZER_IMPLEMENTATION[value] for value in _KERAS_VIT_OPTIMIZER.value]
     if _COMPARE.value == "keras_hub":
         if _keras_hub_available():
             implementations.append("keras_hub")
@@ -191,8 +214,11 @@ def run(config):
             for key, case in matmul_cases(config, batch, size, compute_dtype, xla_settings).items():
                 cases[(short,) + key] = case
             for name, model in models.items():
+                modes = _MODES.value
+                if name == "keras_vit_adamw" and "keras_vit" in models:
+                    modes = [m for m in modes if m != "infer"]  # The same model as keras_vit's.
                 for key, case in model_cases(name, model, images, labels, xla_settings,
-                                             _MODES.value).items():
+                                             modes).items():
                     cases[(short,) + key] = case
         logging.info("%s: timing %d cases, %d warm-up + %d rounds", "+".join(group), len(cases),
                      _WARMUP.value, _REPEATS.value)
@@ -234,13 +260,13 @@ def ratio(numerator, denominator):
 
 
 def format_table(rows):
-    header = f"{'implementation':<15}{'precision':<10}{'xla':<5}{'mode':<7}{'ms/step':>10}" \
+    header = f"{'implementation':<17}{'precision':<10}{'xla':<5}{'mode':<7}{'ms/step':>10}" \
              f"{'images/s':>10}{'GFLOP/s':>10}{'%matmul':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         images = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.2f}"
         lines.append(
-            f"{r['implementation']:<15}{r['precision']:<10}{'on' if r['xla'] else 'off':<5}"
+            f"{r['implementation']:<17}{r['precision']:<10}{'on' if r['xla'] else 'off':<5}"
             f"{r['mode']:<7}{r['ms']:>10.4g}{images:>10}{r['gflops']:>10.4g}"
             f"{r['percent_of_matmul']:>8.3g}%")
     return "\n".join(lines)
@@ -258,22 +284,32 @@ def main(argv):
     print(f"# {config}, image {_IMAGE_SIZE.value}, batch {_BATCH_SIZE.value}, "
           f"{flops.forward_flops(config, image_size=_IMAGE_SIZE.value, num_classes=_NUM_CLASSES.value) / 1e9:.3f} "
           f"GFLOP/image forward (2/multiply-add), training step 3x; medians of {_REPEATS.value} "
-          f"alternating rounds; %matmul is of the MLP-shape matmul in the same precision")
+          f"alternating rounds; %matmul is of the MLP-shape matmul in the same precision; train: "
+          + ", ".join(f"{name} with {type(_optimizer(name)).__name__}" for name in IMPLEMENTATIONS
+                      if any(r["implementation"] == name for r in rows)))
     print(format_table(rows))
     print()
+    rows_of = {r["implementation"] for r in rows}
     print("best setting of each:")
     for implementation in IMPLEMENTATIONS:
         for precision in ("fp32", "bf16"):
             for mode in ("infer", "train"):
                 row = best(rows, implementation, precision, mode)
                 if row:
-                    print(f"  {implementation:<10} {precision} {mode:<6} xla={'on' if row['xla'] else 'off':<4}"
+                    print(f"  {implementation:<16} {precision} {mode:<6} xla={'on' if row['xla'] else 'off':<4}"
                           f"{row['images_per_s']:8.2f} images/s  {row['percent_of_matmul']:4.0f}% of "
                           f"{matmul_gflops[precision]:.1f} GFLOP/s matmul")
-    own_train = ratio(best(rows, "keras_vit", "bf16", "train"), best(rows, "keras_vit", "fp32", "train"))
+    if "keras_vit" in rows_of and "keras_vit_adamw" in rows_of:
+        models_alone = ratio(best(rows, "keras_vit_adamw", "fp32", "train"),
+                             best(rows, "keras_hub", "fp32", "train"))
+        print(f"models_alone keras_vit_adamw/keras_hub fp32_train={models_alone}")
+    # keras_vit as its trainer runs it (FusedAdamW), else with Keras's AdamW if that alone was timed.
+    ours = "keras_vit" if "keras_vit" in rows_of else "keras_vit_adamw"
+    own_train = ratio(best(rows, ours, "bf16", "train"), best(rows, ours, "fp32", "train"))
     print(f"keras_vit bf16_train/fp32_train={own_train}")
     speedups = {
-        key: ratio(best(rows, "keras_vit", precision, mode), best(rows, "keras_hub", precision, mode))
+        key: ratio(best(rows, ours, precision, mode),
+                   best(rows, "keras_hub", precision, mode))
         for key, precision, mode in (("fp32_infer", "fp32", "infer"), ("bf16_infer", "bf16", "infer"),
                                      ("fp32_train", "fp32", "train"))
     }
