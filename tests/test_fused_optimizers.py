@@ -109,3 +109,40 @@ def test_round_trips_through_keras_serialization():
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert type(restored) is FusedAdamW
     assert (restored.weight_decay, restored.beta_2) == (0.3, 0.95)
+
+
+_JAX_SCRIPT = """
+import numpy as np
+import keras
+from keras_vit.training.fused_optimizers import FusedAdamW, FusedSGD
+assert keras.backend.backend() == "jax", keras.backend.backend()
+for fused, plain in [(FusedAdamW, keras.optimizers.AdamW), (FusedSGD, keras.optimizers.SGD)]:
+    results = []
+    for cls in (fused, plain):
+        variables = [keras.Variable(np.linspace(-1, 1, 12, dtype="float32").reshape(3, 4)),
+                     keras.Variable(np.ones(4, "float32"))]
+        optimizer = cls(learning_rate=0.1, weight_decay=0.5)
+        optimizer.exclude_from_weight_decay(var_list=[variables[1]])
+        for step in range(3):
+            optimizer.apply([np.full((3, 4), 0.1 * step, "float32"), np.full(4, -0.2, "float32")],
+                            variables)
+        results.append([np.asarray(v) for v in variables])
+    for a, b in zip(*results):
+        assert np.array_equal(a, b), (cls, a, b)
+    assert not np.allclose(results[0][0], np.linspace(-1, 1, 12).reshape(3, 4))
+print("ok")
+"""
+
+
+def test_other_backends_take_keras_updates_unchanged():
+    """Under JAX the classes are Keras's AdamW / SGD exactly (decay applied once, not twice)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax", reason="jax is a test extra: pip install -e '.[test]'")
+    environment = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", _JAX_SCRIPT], env=environment, timeout=300,
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+                                os.path.abspath(__file__))))
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
