@@ -268,7 +268,7 @@ def format_table(rows):
         lines.append(
             f"{r['implementation']:<17}{r['precision']:<10}{'on' if r['xla'] else 'off':<5}"
             f"{r['mode']:<7}{r['ms']:>10.4g}{images:>10}{r['gflops']:>10.4g}"
-            f"{r['percent_of_matmul']:>8.3g}%")
+            f" {r['percent_of_matmul']:>7.3g}%")
     return "\n".join(lines)
 
 
