@@ -5,11 +5,13 @@ element-wise ops per variable (decay, two moment updates, the step), each a full
 variable's memory plus a temporary. For ViT-B/16 (86M float32 parameters) that is ~290 ms per
 step on the 2-core development CPU, 8% of a batch-8 training step. TensorFlow has the same
 updates as single kernels (`ResourceApplyAdam`, `ResourceApplyKerasMomentum`; they also have XLA
-and TPU implementations): these classes call them and fold the decoupled weight decay into the
-same per-variable update, which takes the optimizer from ~260 to ~120 ms (bench/NOTES.md).
+and TPU implementations): these classes call them, with the decoupled weight decay applied in
+the same per-variable update step, which takes the optimizer from ~260 to ~120 ms
+(bench/NOTES.md). Under XLA (`jit_compile=True`) there is no gain: XLA fuses Keras's ops itself.
 
 The arithmetic is Keras's, to float32 rounding (tests/test_fused_optimizers.py compares every
-step with `keras.optimizers.AdamW` / `SGD`, also under MirroredStrategy). Configuration, slots,
+step with `keras.optimizers.AdamW` / `SGD`; the MirroredStrategy and multi-worker training
+tests run through these classes). Configuration, slots,
 schedules, clipping, gradient accumulation, EMA and serialization are inherited unchanged. Other
 backends (JAX compiles the whole step, so there is nothing to fuse by hand), sparse gradients
 and AMSGrad take Keras's own `update_step`.
@@ -31,9 +33,10 @@ def _tf_variable(variable):
 class _FusedWeightDecay:
     """Decoupled weight decay `w -= lr * weight_decay * w` inside each variable's update.
 
-    Keras applies the decay to all variables in a separate pass before the updates; on
-    TensorFlow this mixin does it per variable in `update_step`, so the variable is touched
-    while it is in cache. Mixed into subclasses of a Keras optimizer.
+    Keras's TensorFlow optimizer applies the decay to all variables in a separate distributed
+    update before the gradient updates; on TensorFlow this mixin does it in `update_step`, in the
+    same per-variable distributed update as the fused kernel. Mixed into subclasses of a Keras
+    optimizer, before the Keras class.
     """
 
     def _apply_weight_decay(self, variables):
