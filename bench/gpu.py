@@ -74,13 +74,19 @@ def training_case(config, image_size, batch_size, num_classes, policy):
     return step
 
 
+# A single matmul of this shape is short enough for dispatch and synchronization to show in its
+# time; each call runs this many (own operands each) and the time is divided by it.
+MATMULS_PER_CALL = 10
+
+
 def matmul_case(rows, inner, columns, dtype):
-    """A callable running a jitted (rows, inner) @ (inner, columns) matmul to completion."""
-    keys = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(keys[0], (rows, inner), dtype)
-    b = jax.random.normal(keys[1], (inner, columns), dtype)
-    product = jax.jit(jnp.matmul)
-    return lambda: product(a, b).block_until_ready()
+    """A callable running `MATMULS_PER_CALL` jitted (rows, inner) @ (inner, columns) matmuls to
+    completion, each with its own operands and returned whole (so none is simplified away)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * MATMULS_PER_CALL)
+    lefts = [jax.random.normal(k, (rows, inner), dtype) for k in keys[:MATMULS_PER_CALL]]
+    rights = [jax.random.normal(k, (inner, columns), dtype) for k in keys[MATMULS_PER_CALL:]]
+    products = jax.jit(lambda ls, rs: [jnp.matmul(a, b) for a, b in zip(ls, rs)])
+    return lambda: jax.block_until_ready(products(lefts, rights))
 
 
 def main(argv):
@@ -108,6 +114,7 @@ def main(argv):
         "matmul": matmul_case(batch * tokens, config.hidden_size, config.mlp_dim, compute_dtype),
     }
     medians = interleaved_medians(cases, repeats=_REPEATS.value, warmup=_WARMUP.value)
+    medians["matmul"] /= MATMULS_PER_CALL
 
     step_flops = batch * flops.training_step_flops(
         config, image_size=size, num_classes=_NUM_CLASSES.value)

@@ -16,7 +16,8 @@ models and times, alternating round by round after warm-up, the median of `--rep
     `keras_vit_adamw`, train only, and a `models_alone` line), to compare the models alone.
     All: learning rate 1e-4, Keras's default weight decay 0.004 on every variable.
 Each case with XLA off and on (`jit_compile`); and a (batch·tokens, D) @ (D, mlp_dim) matrix
-multiply in the precision's compute dtype as the machine's reference rate.
+multiply in the precision's compute dtype as the machine's reference rate (`MATMULS_PER_CALL`
+of them per timed call, each with its own operands).
 
 FLOP convention (keras_vit.flops): 2 per multiply-add, matrix multiplies only, a training step
 3× a forward; ViT-B/16 at 224 is 35.13 GFLOP per image forward.
@@ -134,16 +135,37 @@ def model_cases(name, model, images, labels, xla_settings, modes):
     return cases
 
 
+# One matmul of a small model takes milliseconds, too short to time against models that take
+# seconds (a single call measured anywhere from 35% to 100% of the rate of the next run); each
+# matmul case runs this many, one after the other, and reports the time per matmul.
+MATMULS_PER_CALL = 10
+
+
 def matmul_cases(config, batch_size, image_size, dtype, xla_settings):
-    """The model's MLP matrix multiply (batch·tokens, D) @ (D, mlp_dim) in `dtype`."""
+    """The model's MLP matrix multiply (batch·tokens, D) @ (D, mlp_dim) in `dtype`.
+
+    Each call runs `MATMULS_PER_CALL` of them in sequence, each with its own operands (as each
+    layer of a model has its own weights; it also keeps graph rewrites from merging them), and
+    returns every product whole (a slice of a product would let XLA compute only that slice).
+    """
     tokens = (image_size // config.patch_size) ** 2 + 1
     rng = np.random.default_rng(0)
-    a = tf.constant(rng.standard_normal((batch_size * tokens, config.hidden_size)), dtype=dtype)
-    b = tf.constant(rng.standard_normal((config.hidden_size, config.mlp_dim)), dtype=dtype)
+    operands = [
+        (tf.constant(rng.standard_normal((batch_size * tokens, config.hidden_size)), dtype=dtype),
+         tf.constant(rng.standard_normal((config.hidden_size, config.mlp_dim)), dtype=dtype))
+        for _ in range(MATMULS_PER_CALL)]
+
+    def products():
+        outputs = []
+        for a, b in operands:
+            with tf.control_dependencies(outputs[-1:]):  # one at a time, as inside the model
+                outputs.append(tf.matmul(a, b))
+        return outputs
+
     cases = {}
     for xla in xla_settings:
-        product = tf.function(lambda: tf.matmul(a, b), jit_compile=xla)
-        cases[("matmul", xla, "mlp")] = lambda f=product: f()[0, 0].numpy()
+        product = tf.function(products, jit_compile=xla)
+        cases[("matmul", xla, "mlp")] = lambda f=product: f()[-1][0, 0].numpy()
     return cases
 
 
@@ -228,6 +250,8 @@ def run(config):
         del models, cases
         keras.backend.clear_session()
 
+    medians = {key: seconds / (MATMULS_PER_CALL if key[1] == "matmul" else 1)
+               for key, seconds in medians.items()}
     matmul_rate = {}
     for (short, name, xla, mode), seconds in medians.items():
         if name == "matmul":
