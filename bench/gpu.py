@@ -35,7 +35,7 @@ import keras_vit  # noqa: E402
 from keras_vit import flops  # noqa: E402
 from keras_vit.model import create_model  # noqa: E402
 
-from timing import interleaved_medians  # noqa: E402
+from timing import MATMULS_PER_CALL, interleaved_medians  # noqa: E402
 
 _VARIANT = flags.DEFINE_string(
     "variant", "B/16", "A keras_vit variant (B/16, S/16, ...) or a custom d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch>.")
@@ -72,11 +72,6 @@ def training_case(config, image_size, batch_size, num_classes, policy):
         return model.train_on_batch(images, labels)
 
     return step
-
-
-# A single matmul of this shape is short enough for dispatch and synchronization to show in its
-# time; each call runs this many (own operands each) and the time is divided by it.
-MATMULS_PER_CALL = 10
 
 
 def matmul_case(rows, inner, columns, dtype):

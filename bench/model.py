@@ -49,7 +49,7 @@ import keras_vit  # noqa: E402
 from keras_vit import flops  # noqa: E402
 from keras_vit.training.fused_optimizers import FusedAdamW  # noqa: E402
 
-from timing import interleaved_medians  # noqa: E402
+from timing import MATMULS_PER_CALL, interleaved_medians  # noqa: E402
 
 PRECISIONS = {"float32": ("fp32", "float32"), "mixed_bfloat16": ("bf16", "bfloat16")}
 # keras_vit_adamw: keras_vit trained with keras.optimizers.AdamW (--keras_vit_optimizer=keras).
@@ -133,12 +133,6 @@ def model_cases(name, model, images, labels, xla_settings, modes):
             step = tf.function(model.train_step, jit_compile=xla)
             cases[(name, xla, "train")] = lambda f=step: f((images, labels))["loss"].numpy()
     return cases
-
-
-# One matmul of a small model takes milliseconds, too short to time against models that take
-# seconds (a single call measured anywhere from 35% to 100% of the rate of the next run); each
-# matmul case runs this many, one after the other, and reports the time per matmul.
-MATMULS_PER_CALL = 10
 
 
 def matmul_cases(config, batch_size, image_size, dtype, xla_settings):

@@ -9,6 +9,12 @@ that block until their work is done.
 import statistics
 import time
 
+# A single matmul of a model's MLP shape takes milliseconds: too short to time against model
+# steps of seconds (on the 2-core CPU one call measured 35-100% of the sustained rate; on a GPU
+# dispatch and synchronization show). The matmul reference cases of bench/model.py and
+# bench/gpu.py run this many per timed call, each with its own operands, and divide the time.
+MATMULS_PER_CALL = 10
+
 
 def interleaved_medians(cases, *, repeats, warmup=1, on_round=None):
     """Times each case `repeats` times in alternation after `warmup` untimed calls.

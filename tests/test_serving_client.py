@@ -30,7 +30,11 @@ PNG_LIKE = b"\x89PNG\r\n\x1a\nabc"
 @pytest.fixture
 def predict_pb2():
     """tensorflow-serving-api's request/response protos (a dependency of the gRPC client)."""
-    return pytest.importorskip("tensorflow_serving.apis.predict_pb2")
+    return pytest.importorskip(
+        "tensorflow_serving.apis.predict_pb2",
+        reason="tensorflow-serving-api is absent (a test extra: pip install -e '.[test]')")
+
+
 JPEG_LIKE = b"\xff\xd8\xff\xe0xyz"
 
 
