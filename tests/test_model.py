@@ -133,3 +133,26 @@ def test_dropout_only_in_training():
     images = np.random.default_rng(1).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
     np.testing.assert_array_equal(model(images), model(images))
     assert not np.allclose(model(images, training=True), model(images))
+
+
+def test_inference_graph_equals_training_path_without_dropout():
+    # On TensorFlow, inference runs the Dense layers as MatMul + BiasAdd ops that oneDNN fuses
+    # in a graph (predict traces one); training keeps Keras's Dense. Same math: equal to 1e-5.
+    model = _randomize(keras_vit.create_model(TINY, image_size=16, num_classes=5))
+    images = np.random.default_rng(1).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    inferred = model.predict(images, verbose=0)
+    trained = np.asarray(model(images, training=True))
+    np.testing.assert_allclose(inferred, trained, rtol=1e-5, atol=1e-5 * np.abs(trained).max())
+
+
+@pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize` method")
+def test_int8_quantized_model_uses_its_quantized_dense_layers():
+    model = _randomize(keras_vit.create_model(TINY, image_size=16, num_classes=5))
+    images = np.random.default_rng(1).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    float_logits = model.predict(images, verbose=0)
+    model.quantize("int8")
+    int8_logits = model.predict(images, verbose=0)
+    scale = np.abs(float_logits).max()
+    # int8 weights and activations: close to the float model, but not equal to it.
+    assert np.abs(int8_logits - float_logits).max() < 0.05 * scale
+    assert np.abs(int8_logits - float_logits).max() > 1e-4 * scale
