@@ -2,7 +2,7 @@
 
 Every layer here is written with `keras.ops` and `keras.layers`, so a model built from them
 runs on the TensorFlow and the JAX backends alike; the one exception is an inference fast path
-for the Dense layers on the TensorFlow backend (`_dense`), the same math as the
+for the MLP on the TensorFlow backend (`_dense_gelu_tensorflow`), the same math as the
 backend-neutral code beside it. Shapes use B = batch, T = tokens,
 N = patches, D = hidden size, H = heads.
 
@@ -187,8 +187,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         batch_size, num_tokens = ops.shape(tokens)[0], ops.shape(tokens)[1]
         hidden_size = self.num_heads * self.head_dim
         qkv = ops.reshape(
-            _dense(self.qkv, tokens, training),
-            (batch_size, num_tokens, 3, self.num_heads, self.head_dim),
+            self.qkv(tokens), (batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         )
         # Queries, keys and values stay in (B, T, H, D/H), the projection's own layout: the
         # einsums below read it as is, with no transposed copies in either direction
@@ -205,7 +204,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             value,
         )
         attended = ops.reshape(attended, (batch_size, num_tokens, hidden_size))
-        outputs = _dense(self.out, attended, training)
+        outputs = self.out(attended)
         if return_attention_scores:
             return outputs, probabilities
         return outputs
@@ -246,39 +245,23 @@ class StochasticDepth(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
-def _dense(dense, inputs, training=None, gelu=False):
-    """`dense(inputs)`, then the tanh GELU if `gelu`. (..., D_in) -> (..., dense.units).
+def _dense_gelu_tensorflow(inputs, dense):
+    """GELU(inputs @ kernel + bias) for (B, T, D) inputs, as ops TensorFlow's oneDNN fuses.
 
-    At inference on TensorFlow, a plain Dense (not quantized, no LoRA) runs as a 2-D MatMul
-    and a BiasAdd op, which TensorFlow's oneDNN graph rewrite fuses into one matmul (with the
-    GELU, when there is one). Keras's Dense on (B, T, D) inputs emits a tensordot and an AddV2,
-    which it does not fuse. Measured on ViT-B/16 inference: 9% faster in float32, 17% under
-    mixed_bfloat16 (bench/NOTES.md, lever 13). Training keeps Keras's Dense: nothing is faster
-    there, and under mixed_bfloat16 TensorFlow's BiasAddGrad sums the bias gradient in
-    bfloat16, while Keras's path sums it in float32.
-
-    Elsewhere the GELU runs in float32 even under mixed precision: TensorFlow's CPU kernels run
-    bfloat16 element-wise ops several times slower than float32 ones.
+    TensorFlow's graph rewriter fuses MatMul + BiasAdd + GELU into one oneDNN matmul only for
+    a 2-D MatMul followed by a BiasAdd op; Keras's
+    Dense on 3-D inputs emits a tensordot and an AddV2, which it does not fuse. Measured on
+    ViT-B/16 inference: 19% faster under mixed_bfloat16, 9% in float32 (bench/NOTES.md).
+    Inference only: a training graph keeps the pre-activation for the backward pass, so nothing
+    is fused there and the backend-neutral path (float32 GELU) is faster.
     """
-    if (not training and keras.backend.backend() == "tensorflow" and dense.use_bias
-            and dense.activation is keras.activations.linear
-            and getattr(dense, "quantization_mode", None) is None
-            and not getattr(dense, "lora_enabled", False)):
-        import tensorflow as tf
+    import tensorflow as tf
 
-        flat = tf.reshape(inputs, (-1, inputs.shape[-1]))
-        outputs = tf.matmul(flat, ops.cast(dense.kernel, flat.dtype))
-        outputs = tf.nn.bias_add(outputs, ops.cast(dense.bias, flat.dtype))
-        if gelu:
-            outputs = tf.nn.gelu(outputs, approximate=True)
-        return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [dense.units]], axis=0))
-    outputs = dense(inputs)
-    if gelu:
-        outputs = ops.cast(
-            keras.activations.gelu(ops.cast(outputs, "float32"), approximate=True),
-            outputs.dtype,
-        )
-    return outputs
+    flat = tf.reshape(inputs, (-1, inputs.shape[-1]))
+    hidden = tf.matmul(flat, ops.cast(dense.kernel, flat.dtype))
+    hidden = tf.nn.bias_add(hidden, ops.cast(dense.bias, flat.dtype))
+    hidden = tf.nn.gelu(hidden, approximate=True)
+    return tf.reshape(hidden, tf.concat([tf.shape(inputs)[:-1], [dense.units]], axis=0))
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -350,9 +333,20 @@ class TransformerBlock(keras.layers.Layer):
         tokens = tokens + self.drop_path(attended, training=training)
 
         normed = self.mlp_norm(tokens)
-        hidden = _dense(self.mlp_dense_1, normed, training, gelu=True)
+        # A quantized Dense (model.quantize) keeps its own kernel format: use its call.
+        if (not training and keras.backend.backend() == "tensorflow"
+                and getattr(self.mlp_dense_1, "quantization_mode", None) is None):
+            hidden = _dense_gelu_tensorflow(normed, self.mlp_dense_1)
+        else:
+            hidden = self.mlp_dense_1(normed)
+            # GELU in float32 even under mixed precision: TensorFlow's CPU kernels run bfloat16
+            # element-wise ops several times slower than float32 ones (bench/NOTES.md).
+            hidden = ops.cast(
+                keras.activations.gelu(ops.cast(hidden, "float32"), approximate=True),
+                hidden.dtype,
+            )
         hidden = self.mlp_dropout_1(hidden, training=training)
-        hidden = self.mlp_dropout_2(_dense(self.mlp_dense_2, hidden, training), training=training)
+        hidden = self.mlp_dropout_2(self.mlp_dense_2(hidden), training=training)
         tokens = tokens + self.drop_path(hidden, training=training)
         if return_attention_scores:
             return tokens, probabilities
