@@ -67,6 +67,11 @@ except tf.errors.InvalidArgumentError as caught:
     error = str(caught)
 # The same loaded model keeps answering after the bad request.
 after = serve(image_bytes=tf.constant(encoded[:1]))["probabilities"].numpy()
+# An empty batch gets empty outputs of the right shapes from both signatures.
+empty_bytes = serve(image_bytes=tf.constant([], tf.string))
+empty_pixels = pixels(images=tf.zeros([0] + list(inputs["pixels"].shape[1:]), tf.float32))
+for prefix, outputs in (("empty_bytes_", empty_bytes), ("empty_pixels_", empty_pixels)):
+    results.update({prefix + name: to_numpy(value) for name, value in outputs.items()})
 np.savez(outputs_path, error=np.array(error or ""), after_error=after,
          loaded_our_code=np.array([m for m in ("keras_vit", "pipelines") if sys.modules.get(m)], "U"),
          **results)
@@ -237,6 +242,11 @@ def test_tensorflow_alone_serves_the_same_answers_as_keras(checkpoint, exported,
         assert labels == [[CLASS_NAMES[index] for index in row] for row in expected_classes]
     # The images differ, so the served rows must too (guards against a constant model).
     assert np.unique(served["bytes_probabilities"].round(6), axis=0).shape[0] == len(images)
+
+    for prefix in ("empty_bytes_", "empty_pixels_"):
+        assert served[prefix + "probabilities"].shape == (0, NUM_CLASSES)
+        for name in ("classes", "scores", "labels"):
+            assert served[prefix + name].shape == (0, TOP_K), (prefix, name)
 
     error = str(served["error"])
     assert "not a decodable image" in error and "image_bytes[1]" in error, error

@@ -170,9 +170,18 @@ def build_archive(
     image_size = _square_image_size(model)
     table = _label_table(class_names_path)
 
+    num_classes = model.output_shape[-1]
+
     def classify(images):
-        logits = model(images, training=False)
-        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        # An empty batch gets empty outputs without running the model: TensorFlow's oneDNN
+        # Conv2D mis-shapes a batch of 0 images (the patch embedding then fails to add the
+        # position embeddings).
+        logits = tf.cond(
+            tf.shape(images)[0] > 0,
+            lambda: tf.cast(model(images, training=False), tf.float32),
+            lambda: tf.zeros([0, num_classes], tf.float32),
+        )
+        probabilities = tf.nn.softmax(logits, axis=-1)
         scores, classes = tf.math.top_k(probabilities, k=top_k)
         return {
             "probabilities": probabilities,
