@@ -8,6 +8,7 @@ optimizer updates, so an epoch boundary is where BackupAndRestore and ModelCheck
 import glob
 import os
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -104,3 +105,29 @@ class PruneCheckpoints(keras.callbacks.Callback):
         for path in files[: -self.keep]:
             os.remove(path)
             logging.info("Removed old checkpoint %s (--keep_checkpoints=%d).", path, self.keep)
+
+
+class QuietEndOfEvaluationData(keras.callbacks.Callback):
+    """Silences Keras's "Your input ran out of data; interrupting training" during evaluation.
+
+    Keras warns whenever an iterator ends before it knows the dataset's length. The evaluation
+    pipeline's length is unknown (it may skip bad records), so every evaluation pass, in `fit`'s
+    validation and in `evaluate`, ends that way and Keras says training was interrupted when it
+    was not. Only evaluation is silenced: the training data repeats, so the warning there would
+    still mean something.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._silenced = None
+
+    def on_test_begin(self, logs=None):
+        self._silenced = warnings.catch_warnings()
+        self._silenced.__enter__()
+        warnings.filterwarnings(
+            "ignore", message="Your input ran out of data", category=UserWarning)
+
+    def on_test_end(self, logs=None):
+        if self._silenced is not None:
+            self._silenced.__exit__(None, None, None)
+            self._silenced = None

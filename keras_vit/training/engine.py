@@ -169,6 +169,7 @@ def make_callbacks(config, strategy, chief):
         callbacks_lib.TerminateOnNaN(config.grad_accum_steps),
         # Keras epoch = --checkpoint_every_steps updates, so "epoch" saving is per chunk.
         keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=False),
+        callbacks_lib.QuietEndOfEvaluationData(),
     ]
     if chief:
         checkpoints = os.path.join(config.model_dir, "checkpoints")
@@ -256,7 +257,8 @@ def train(config):
         steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
         evaluation = {}
         if eval_data is not None:
-            evaluation = model.evaluate(eval_data, return_dict=True, verbose=1 if chief else 0)
+            evaluation = model.evaluate(eval_data, return_dict=True, verbose=1 if chief else 0,
+                                        callbacks=[callbacks_lib.QuietEndOfEvaluationData()])
         rates = [rate for _, rate in throughput.history]
         results = {
             "eval_top1": _metric(evaluation, "top1"),
