@@ -170,17 +170,18 @@ def build_archive(
     image_size = _square_image_size(model)
     table = _label_table(class_names_path)
 
-    num_classes = model.output_shape[-1]
-
     def classify(images):
-        # An empty batch gets empty outputs without running the model: TensorFlow's oneDNN
-        # Conv2D mis-shapes a batch of 0 images (the patch embedding then fails to add the
-        # position embeddings).
-        logits = tf.cond(
-            tf.shape(images)[0] > 0,
-            lambda: tf.cast(model(images, training=False), tf.float32),
-            lambda: tf.zeros([0, num_classes], tf.float32),
+        # TensorFlow's oneDNN Conv2D mis-shapes a batch of 0 images (the patch embedding then
+        # fails to add the position embeddings), so an empty batch runs the model on one blank
+        # image and keeps 0 rows of its outputs. The model call stays outside the tf.cond, which
+        # only picks its input.
+        num_images = tf.shape(images)[0]
+        batch = tf.cond(
+            num_images > 0,
+            lambda: images,
+            lambda: tf.zeros([1, image_size, image_size, 3], images.dtype),
         )
+        logits = tf.cast(model(batch, training=False), tf.float32)[:num_images]
         probabilities = tf.nn.softmax(logits, axis=-1)
         scores, classes = tf.math.top_k(probabilities, k=top_k)
         return {
