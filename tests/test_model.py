@@ -136,8 +136,8 @@ def test_dropout_only_in_training():
 
 
 def test_inference_graph_equals_training_path_without_dropout():
-    # On TensorFlow, inference runs the Dense layers as MatMul + BiasAdd ops that oneDNN fuses
-    # in a graph (predict traces one); training keeps Keras's Dense. Same math: equal to 1e-5.
+    # On TensorFlow, inference runs the first MLP layer as MatMul + BiasAdd + GELU ops that
+    # oneDNN fuses in a graph (predict traces one); training keeps Keras's Dense. Same math.
     model = _randomize(keras_vit.create_model(TINY, image_size=16, num_classes=5))
     images = np.random.default_rng(1).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
     inferred = model.predict(images, verbose=0)

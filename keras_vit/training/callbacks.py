@@ -1,4 +1,5 @@
-"""Training callbacks beyond Keras's own: throughput, step bookkeeping, a clear NaN stop.
+"""Training callbacks beyond Keras's own: throughput, step bookkeeping, a clear NaN stop,
+checkpoint pruning, and no false "interrupting training" warning after each evaluation.
 
 Keras counts in epochs; tools/train.py makes one Keras epoch = `checkpoint_every_steps`
 optimizer updates, so an epoch boundary is where BackupAndRestore and ModelCheckpoint save and
