@@ -11,6 +11,7 @@ zero head gives equal logits everywhere predicts class 0 for every image, not "a
 
 import importlib.resources
 import json
+import re
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ import tensorflow as tf
 from absl import logging
 
 import pipelines
+from pipelines.preprocess import sniff_format
 
 IMAGENET_CLASS_NAMES = "imagenet_class_names.json"
 
@@ -311,9 +313,18 @@ def load_images(paths, image_size, central_crop_fraction=None):
                 tf.constant(data), image_size, central_crop_fraction, context=path
             )
         except tf.errors.InvalidArgumentError as error:
+            image_format = sniff_format(data)
+            if image_format is None:
+                raise ValueError(
+                    f"{path} is not a decodable image: expected JPEG, PNG, GIF or BMP bytes, "
+                    f"found {data[:8]!r}..."
+                ) from None
+            # The decoder's own reason, without TensorFlow's "{{function_node ...}}" and
+            # "[Op:DecodeImage]" wrapping.
+            reason = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", error.message.splitlines()[0]).strip()
             raise ValueError(
-                f"{path} is not a decodable image: expected JPEG, PNG, GIF or BMP bytes, found "
-                f"{data[:8]!r}... ({error.message.splitlines()[0][:200]})"
+                f"{path} starts like a {image_format.upper()} file but could not be decoded (is "
+                f"it truncated or corrupt?): {reason[:200]}"
             ) from None
         images.append(image.numpy())
     return np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.float32)

@@ -59,8 +59,15 @@ def test_load_images_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"Image file {tmp_path}/none.jpg does not exist"):
         evaluation.load_images([str(tmp_path / "none.jpg")], 16)
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match=f"{tmp_path}/notes.txt is not a decodable image"):
+    with pytest.raises(ValueError, match=f"{tmp_path}/notes.txt is not a decodable image") as bad:
         evaluation.load_images([str(tmp_path / "notes.txt")], 16)
+    assert "b'hello'" in str(bad.value) and "tf.Tensor" not in str(bad.value)
+    # A real PNG cut short: its format is named, with the decoder's reason.
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:40])
+    with pytest.raises(ValueError, match=f"{tmp_path}/cut.png starts like a PNG file") as cut:
+        evaluation.load_images([str(tmp_path / "cut.png")], 16)
+    assert "could not be decoded" in str(cut.value) and "function_node" not in str(cut.value)
 
 
 def run_predict(*args):
