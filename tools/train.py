@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -123,7 +123,6 @@ def main(argv):
         config_lib.validate(config)
         results = engine.train(config)
     except config_lib.ConfigError as error:
-        logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingNaNError as error:
