@@ -26,6 +26,7 @@ def create_model(
     attention_dropout_rate=0.0,
     stochastic_depth_rate=0.0,
     include_top=True,
+    class_token_only=None,
     name=None,
 ):
     """Builds a Vision Transformer.
@@ -44,6 +45,11 @@ def create_model(
         attention_dropout_rate: dropout on the attention probabilities.
         stochastic_depth_rate: drop-path rate of the last block (linear in depth from 0).
         include_top: if False the model ends at the pooled (or pre-logits) features.
+        class_token_only: whether the last encoder block computes the class token alone, the
+            only token token pooling reads: the same outputs for ~6% less work on ViT-B/16
+            (`layers.Encoder`). None (default): True for pooling="token". Pass False to read
+            every token of the encoder's output, `model.get_layer("encoder").output`
+            (B, T, D), e.g. as dense features; with True it is (B, 1, D).
         name: model name; defaults to "vit_<size>_<patch>".
 
     Returns:
@@ -56,6 +62,11 @@ def create_model(
     config = parse_variant(variant)
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+    if class_token_only is None:
+        class_token_only = pooling == "token"
+    if class_token_only and pooling != "token":
+        raise ValueError(f"class_token_only=True needs pooling='token', got {pooling!r}: "
+                         "global average pooling reads every token.")
     if include_top and (not isinstance(num_classes, int) or num_classes <= 0):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
     height, width = _image_shape(image_size)
@@ -85,6 +96,7 @@ def create_model(
         dropout_rate=dropout_rate,
         attention_dropout_rate=attention_dropout_rate,
         stochastic_depth_rate=stochastic_depth_rate,
+        class_token_only=class_token_only,
         name="encoder",
     )(x)
     x = layers.TokenPooling(pooling, name="pooling")(x)

@@ -156,3 +156,40 @@ def test_int8_quantized_model_uses_its_quantized_dense_layers():
     # int8 weights and activations: close to the float model, but not equal to it.
     assert np.abs(int8_logits - float_logits).max() < 0.05 * scale
     assert np.abs(int8_logits - float_logits).max() > 1e-4 * scale
+
+
+def test_class_token_only_last_block_gives_the_same_logits_and_gradients():
+    # A token-pooling classifier reads the class token alone, so its last block computes only
+    # that token. Switching that off (every token through every block) must change nothing.
+    import tensorflow as tf
+
+    model = _randomize(keras_vit.create_model(TINY, image_size=16, num_classes=5))
+    encoder = model.get_layer("encoder")
+    assert encoder.class_token_only and tuple(encoder.output.shape) == (None, 1, 32)
+    images = np.random.default_rng(1).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+    labels = np.array([0, 3, 4])
+
+    def logits_and_gradients():
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        return logits.numpy(), [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+
+    pruned_logits, pruned_gradients = logits_and_gradients()
+    encoder.class_token_only = False
+    full_logits, full_gradients = logits_and_gradients()
+    np.testing.assert_allclose(pruned_logits, full_logits, rtol=1e-5, atol=1e-6)
+    for variable, pruned, full in zip(model.trainable_variables, pruned_gradients, full_gradients):
+        np.testing.assert_allclose(pruned, full, rtol=1e-4, atol=1e-6 * np.abs(full).max(),
+                                   err_msg=variable.path)
+    assert np.abs(full_gradients[-1]).max() > 0  # the head's gradient: the loss is not flat
+
+
+def test_gap_pooling_and_class_token_only_false_keep_every_token():
+    model = keras_vit.create_model(TINY, image_size=16, num_classes=5, pooling="gap")
+    encoder = model.get_layer("encoder")
+    assert not encoder.class_token_only and tuple(encoder.output.shape) == (None, 16, 32)
+    model = keras_vit.create_model(TINY, image_size=16, num_classes=5, class_token_only=False)
+    assert tuple(model.get_layer("encoder").output.shape) == (None, 17, 32)
+    with pytest.raises(ValueError, match="class_token_only=True needs pooling='token'"):
+        keras_vit.create_model(TINY, image_size=16, pooling="gap", class_token_only=True)
