@@ -8,6 +8,11 @@ convention ViT-B/16 at 224 with a 1000-class head is 35.13 GFLOP per image forwa
 
 A training step (forward, backward, update) is counted as 3× the forward: the backward pass
 does two matrix multiplies (input gradient and weight gradient) for each forward one.
+
+`class_token_only=True` counts what keras_vit's token-pooling classifier actually runs: its last
+block computes the class token alone (`layers.Encoder(class_token_only=True)`), 32.93 GFLOP for
+ViT-B/16 at 224 instead of 35.13. Use it for rates and utilization of keras_vit's own models;
+the standard count is the one to compare architectures with.
 """
 
 from keras_vit.variants import parse_variant
@@ -23,7 +28,7 @@ def _image_shape(image_size):
 
 
 def forward_flops(variant, image_size=224, num_classes=1000, pooling="token",
-                  representation_size=None, channels=3):
+                  representation_size=None, channels=3, class_token_only=False):
     """FLOP (2 per multiply-add) of one image's forward pass.
 
     Args:
@@ -33,6 +38,9 @@ def forward_flops(variant, image_size=224, num_classes=1000, pooling="token",
         pooling: "token" (one class token more) or "gap".
         representation_size: width of the pre-logits layer, if any.
         channels: input channels (3 for RGB).
+        class_token_only: count the last block for the class token alone (its query, value
+            mixing, output projection and MLP for one token; keys and values for all), as
+            keras_vit's token-pooling models run it. Needs pooling="token".
 
     Returns:
         An int, FLOP per image.
@@ -46,16 +54,22 @@ def forward_flops(variant, image_size=224, num_classes=1000, pooling="token",
         )
     if pooling not in ("token", "gap"):
         raise ValueError(f"pooling must be 'token' or 'gap', got {pooling!r}.")
+    if class_token_only and pooling != "token":
+        raise ValueError("class_token_only needs pooling='token' (a model with a class token).")
     num_patches = (height // patch) * (width // patch)
     tokens = num_patches + (1 if pooling == "token" else 0)
 
+    def block(queries):
+        """Multiply-adds of one encoder block whose output is computed for `queries` tokens."""
+        return (
+            tokens * hidden * 3 * hidden      # fused query, key, value projection (all tokens)
+            + 2 * queries * tokens * hidden   # q·kᵀ and probabilities·v, summed over heads
+            + queries * hidden * hidden       # attention output projection
+            + 2 * queries * hidden * mlp      # MLP: D -> mlp_dim -> D
+        )
+
     patch_embedding = num_patches * (patch * patch * channels) * hidden
-    per_block = (
-        tokens * hidden * 3 * hidden      # fused query, key, value projection
-        + 2 * tokens * tokens * hidden    # q·kᵀ and probabilities·v, summed over heads
-        + tokens * hidden * hidden        # attention output projection
-        + 2 * tokens * hidden * mlp       # MLP: D -> mlp_dim -> D
-    )
+    blocks = (config.num_layers - 1) * block(tokens) + block(1 if class_token_only else tokens)
     width_out = hidden
     head = 0
     if representation_size:
@@ -63,7 +77,7 @@ def forward_flops(variant, image_size=224, num_classes=1000, pooling="token",
         width_out = representation_size
     if num_classes:
         head += width_out * num_classes
-    multiply_adds = patch_embedding + config.num_layers * per_block + head
+    multiply_adds = patch_embedding + blocks + head
     return 2 * multiply_adds
 
 

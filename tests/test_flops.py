@@ -16,6 +16,16 @@ def test_b16_224_matches_the_hand_count():
     assert flops.forward_flops("B/16", image_size=224, num_classes=1000) == 35_127_656_448
 
 
+def test_class_token_only_last_block_by_hand():
+    # The last block for the class token alone: q, k, v for all 197 tokens 197 x 3·768²
+    # = 348,585,984; one query row 2·197·768 = 302,592; output projection 768² = 589,824;
+    # MLP 2·768·3072 = 4,718,592; 354,196,992 in all, against 1,453,954,560 for a full block.
+    # 17,563,828,224 - 1,453,954,560 + 354,196,992 = 16,464,070,656 multiply-adds.
+    assert flops.forward_flops("B/16", class_token_only=True) == 2 * 16_464_070_656
+    with pytest.raises(ValueError, match="pooling='token'"):
+        flops.forward_flops("B/16", pooling="gap", class_token_only=True)
+
+
 def test_tiny_config_by_hand():
     # 8x8 image, patch 4: 4 patches, 5 tokens with the class token; D = 8, M = 16, 2 blocks.
     #   patch 4 x 48 x 8 = 1,536; block 5·(3·64 + 64 + 2·8·16) + 2·25·8 = 2,560 + 400 = 2,960;
