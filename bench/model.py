@@ -305,11 +305,12 @@ def main(argv):
     print(f"# finished {datetime.datetime.now():%Y-%m-%d %H:%M} on {platform.node()}, {os.cpu_count()} CPUs, "
           f"load average before {load_before[0]:.2f} after {load_after[0]:.2f}; "
           f"TF {tf.__version__}, Keras {keras.__version__}")
+    standard, executed = (
+        flops.forward_flops(config, image_size=_IMAGE_SIZE.value, num_classes=_NUM_CLASSES.value,
+                            class_token_only=pruned) / 1e9 for pruned in (False, True))
     print(f"# {config}, image {_IMAGE_SIZE.value}, batch {_BATCH_SIZE.value}, "
-          f"{flops.forward_flops(config, image_size=_IMAGE_SIZE.value, num_classes=_NUM_CLASSES.value) / 1e9:.3f} "
-          f"GFLOP/image forward (keras_vit runs "
-          f"{flops.forward_flops(config, image_size=_IMAGE_SIZE.value, num_classes=_NUM_CLASSES.value, class_token_only=True) / 1e9:.3f}: "
-          f"last block for the class token only; 2/multiply-add), training step 3x; medians of {_REPEATS.value} "
+          f"{standard:.3f} GFLOP/image forward (keras_vit runs {executed:.3f}: its last block for "
+          f"the class token only; 2/multiply-add), training step 3x; medians of {_REPEATS.value} "
           f"alternating rounds; %matmul is of the MLP-shape matmul in the same precision; train: "
           + ", ".join(f"{name} with {type(_optimizer(name)).__name__}" for name in IMPLEMENTATIONS
                       if any(r["implementation"] == name for r in rows)))
