@@ -200,7 +200,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         if first_query_only:
             query, num_queries = query[:, :1], 1
         query = query * ops.cast(self.head_dim ** -0.5, query.dtype)
-        scores = ops.einsum("bqhd,bkhd->bhqk", query, key)  # (B, H, T, T)
+        scores = ops.einsum("bqhd,bkhd->bhqk", query, key)  # (B, H, queries, T)
         # Softmax in float32 even under mixed precision: bfloat16 sums lose small weights.
         probabilities = ops.softmax(ops.cast(scores, "float32"), axis=-1)
         attended = ops.einsum(
