@@ -61,9 +61,17 @@ def decode_and_random_crop(
     return image
 
 
-def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Horizontal flip with probability 1/2."""
-    return tf.image.stateless_random_flip_left_right(image, seed)
+def random_flip_decision(seed: tf.Tensor) -> tf.Tensor:
+    """Scalar bool: flip this image? True with probability 1/2.
+
+    The same decision as `tf.image.stateless_random_flip_left_right(image, seed)` makes.
+    """
+    return tf.less(tf.random.stateless_uniform([], seed, minval=0.0, maxval=1.0), 0.5)
+
+
+def flip_left_right_if(image: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+    """`image` (h, w, c) mirrored left-right where the scalar bool `flip` is true."""
+    return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def parse_randaugment(spec: str | tuple | None) -> tuple[int, float] | None:
