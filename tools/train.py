@@ -46,6 +46,8 @@ HELP = {
                "none: the eval preprocessing only, for data a crop or flip would mislabel.",
     "randaugment": "'NUM_LAYERS,MAGNITUDE' such as '2,10'; empty = none.",
     "mixup_alpha": "Mixup Beta(alpha, alpha); 0 = none.",
+    "resize_kernel": "Training resize+flip: compiled (a C++ op built on first use), tensorflow "
+                     "(TF's ops), or auto (compiled where it builds). See docs/data.md.",
     "global_batch_size": "Images per optimizer update, over all replicas and accumulation steps.",
     "eval_batch_size": "Global eval batch; 0 = global_batch_size / grad_accum_steps.",
     "optimizer": "sgd (momentum), adam or adamw.",
@@ -79,6 +81,7 @@ HELP = {
 _ENUMS = {
     "pooling": config_lib.POOLINGS,
     "augment": config_lib.AUGMENTS,
+    "resize_kernel": config_lib.RESIZE_KERNELS,
     "optimizer": config_lib.OPTIMIZERS,
     "decay": config_lib.DECAYS,
     "loss": config_lib.LOSSES,

@@ -12,6 +12,7 @@ from keras_vit.training.optimizers import OPTIMIZERS, WEIGHT_DECAY_GROUPS
 from keras_vit.training.schedules import DECAYS
 from keras_vit.training.strategy import STRATEGIES
 from keras_vit.variants import ViTConfig, parse_variant
+from pipelines.compiled_ops import RESIZE_KERNELS
 
 MIXED_PRECISION = {"none": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 POOLINGS = ("token", "gap")
@@ -46,6 +47,7 @@ class TrainConfig:
     augment: str = "crop_flip"
     randaugment: str = ""
     mixup_alpha: float = 0.0
+    resize_kernel: str = "auto"
     global_batch_size: int = 512
     eval_batch_size: int = 0
     optimizer: str = "sgd"
@@ -118,6 +120,7 @@ def validate(config, num_replicas=1):
             _fail(flag, getattr(c, flag), "must be >= 0.")
     _choice(c, "pooling", POOLINGS)
     _choice(c, "augment", AUGMENTS)
+    _choice(c, "resize_kernel", RESIZE_KERNELS)
     if c.augment == "none" and (c.randaugment or c.mixup_alpha):
         _fail("augment", c.augment, "--randaugment and --mixup_alpha need --augment=crop_flip.")
     _choice(c, "optimizer", OPTIMIZERS)

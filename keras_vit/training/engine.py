@@ -96,6 +96,7 @@ def make_datasets(config, strategy, num_classes):
             augment=_AUGMENT_MODES[config.augment],
             randaugment=config.randaugment or None,
             mixup_alpha=config.mixup_alpha,
+            resize_kernel=config.resize_kernel,
             tfds_data_dir=tfds_dir,
             # The same seed in every input pipeline: pipelines that share files and keep
             # every n-th record must shuffle the file list identically.
