@@ -47,6 +47,7 @@ def tiny_config(data, model_dir, **overrides):
         (dict(strategy="tpu"), 1, "--tpu=''"),
         (dict(train_data=""), 1, "--train_data=''"),
         (dict(keep_checkpoints=-1), 1, "--keep_checkpoints=-1"),
+        (dict(resize_kernel="opencv"), 1, "--resize_kernel='opencv'"),
     ],
 )
 def test_validate_names_the_flag(tmp_path, overrides, replicas, flag):
