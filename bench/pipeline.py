@@ -4,7 +4,8 @@ Writes JPEG shards (stored as-is) from `../shared/data/imagenet/sample_images` (
 two sample images when that is absent), then measures, in one run:
 
   (a) decode-only: read records + full `decode_jpeg`, no augmentation;
-  (b) the full training pipeline of `pipelines.build_dataset` at --image_size;
+  (b) the full training pipeline of `pipelines.build_dataset` at --image_size, with the compiled
+      resize op (`pipelines.compiled_ops`) where it builds, and (b') with TensorFlow's resize;
   (c) the eval pipeline (`preprocess_for_eval`), repeated for a steady-state rate;
 
 and prints a table with the ratio b/a. `--threads=1,2` repeats the measurements with tf.data's
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import tensorflow as tf  # noqa: E402
 
 import pipelines  # noqa: E402
-from pipelines import records  # noqa: E402
+from pipelines import compiled_ops, records  # noqa: E402
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", str(REPO.parent / "shared" / "data" / "imagenet" / "sample_images"),
@@ -115,30 +116,37 @@ def main(argv):
               f"in {time.perf_counter() - start:.1f} s")
         shards = [str(out / s["file"]) for s in info["splits"]["train"]["shards"]]
         size, batch = _IMAGE_SIZE.value, _BATCH_SIZE.value
+        compiled = compiled_ops.load_resize_op() is not None
+        train = lambda t, kernel: _with_threads(pipelines.build_dataset(  # noqa: E731
+            out, split="train", image_size=size, batch_size=batch,
+            shuffle_buffer=min(num_images, 1000), resize_kernel=kernel), t)
         pipelines_to_time = {
             "a": lambda t: decode_only(shards, t),
-            "b": lambda t: _with_threads(pipelines.build_dataset(
-                out, split="train", image_size=size, batch_size=batch,
-                shuffle_buffer=min(num_images, 1000)), t),
+            "b": lambda t: train(t, "auto"),
+            "b_tf": lambda t: train(t, "tensorflow"),
             "c": lambda t: _with_threads(pipelines.build_dataset(
                 out, split="train", training=False, repeat=True, image_size=size,
                 batch_size=batch), t),
         }
         rows = []
         for threads in [int(t) for t in _THREADS.value]:
-            # Rounds alternate a, b, c so that load from other processes hits all three alike.
+            # Rounds alternate the pipelines so that load from other processes hits all three alike.
             rates = {name: [] for name in pipelines_to_time}
             for _ in range(_ROUNDS.value):
                 for name, make in pipelines_to_time.items():
                     rates[name].append(measure(lambda: make(threads), _SECONDS.value / _ROUNDS.value))
-            a, b, c = (statistics.median(rates[name]) for name in "abc")
-            rows.append((threads or os.cpu_count(), a, b, c))
+            a, b, b_tf, c = (statistics.median(rates[name]) for name in pipelines_to_time)
+            rows.append((threads or os.cpu_count(), a, b, b_tf, c))
         print(f"\ninput pipeline, {num_images} JPEGs, {size}px, batch {batch}, {os.cpu_count()} CPUs, "
               f"median of {_ROUNDS.value} rounds, load average {os.getloadavg()[0]:.2f} (1 min)")
-        print("| threads | (a) decode-only img/s | (b) train img/s | (c) eval img/s | b/a |")
-        print("|---|---|---|---|---|")
-        for threads, a, b, c in rows:
-            print(f"| {threads} | {a:.0f} | {b:.0f} | {c:.0f} | {b / a:.2f} |")
+        print(f"(b) resizes with {'the compiled op' if compiled else 'TensorFlow (no compiled op)'};"
+              " (b') with TensorFlow's Cast + Reverse + ResizeBilinear")
+        print("| threads | (a) decode-only img/s | (b) train img/s | (b') train, TF resize img/s "
+              "| (c) eval img/s | b/a | b'/a |")
+        print("|---|---|---|---|---|---|---|")
+        for threads, a, b, b_tf, c in rows:
+            print(f"| {threads} | {a:.0f} | {b:.0f} | {b_tf:.0f} | {c:.0f} | {b / a:.2f} "
+                  f"| {b_tf / a:.2f} |")
 
 
 if __name__ == "__main__":
