@@ -3,7 +3,7 @@
 After JPEG decoding, TensorFlow's Cast + `ResizeBilinear` + flip are the largest cost of the
 training input pipeline (docs/data.md). `ResizeBilinearFlip` (`ops/resize_bilinear_flip.cc`)
 computes the same float32 pixels (to ~3e-5) in one separable pass in about half the CPU time
-(one core, a 281x344 crop to 224x224: ~80 us against ~170 us), which brings the training
+(one core, a 281x344 crop to 224x224: 95 us against 172-215 us), which brings the training
 pipeline from ~0.85 to ~0.9 of the rate of plain JPEG decoding (bench/pipeline.py).
 
 The op is compiled from its source against the installed TensorFlow on first use (a C++17
@@ -78,8 +78,14 @@ def _build(path: Path) -> None:
         raise CompiledOpError(
             f"no C++ compiler {compiler()!r} on PATH to build {SOURCE.name}. Install one (e.g. "
             "g++) or set $CXX, or pass resize_kernel='tensorflow' (--resize_kernel=tensorflow).")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        workspace = tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-")
+    except OSError as error:
+        raise CompiledOpError(
+            f"cannot write the op cache {path.parent}: {error}. Set $KERAS_VIT_CACHE_DIR to a "
+            "writable folder, or pass resize_kernel='tensorflow'.") from error
+    with workspace as tmp:
         partial = Path(tmp) / path.name
         command = _build_command(partial)
         logging.info("Compiling %s for TensorFlow %s (once; cached as %s).",

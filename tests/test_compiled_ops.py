@@ -165,6 +165,16 @@ def test_without_a_compiler_auto_falls_back_and_compiled_raises(no_library_loade
     assert not no_library_loaded.exists()
 
 
+@needs_compiler
+def test_an_unwritable_cache_is_reported(no_library_loaded, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("KERAS_VIT_CACHE_DIR", str(blocker))
+    with pytest.raises(compiled_ops.CompiledOpError, match=r"cannot write the op cache .*"
+                       r"not-a-folder.*KERAS_VIT_CACHE_DIR"):
+        compiled_ops.load_resize_op(required=True)
+
+
 def test_a_compile_error_is_reported_with_the_command(no_library_loaded, monkeypatch):
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
     with pytest.raises(compiled_ops.CompiledOpError, match=r"(?s)compiling .*failed \(exit 1\).*"
