@@ -58,6 +58,11 @@ def compiler() -> str:
     return os.environ.get("CXX") or "c++"
 
 
+def compiler_available() -> bool:
+    """Is the compiler command's program on PATH?"""
+    return shutil.which(shlex.split(compiler())[0]) is not None
+
+
 def _build_command(output: Path) -> list[str]:
     return [
         *shlex.split(compiler()), "-shared", "-fPIC", "-O3", "-w", str(SOURCE), "-o", str(output),
@@ -74,7 +79,7 @@ def library_path() -> Path:
 
 def _build(path: Path) -> None:
     """Compiles the op into `path` atomically (concurrent builders each write their own file)."""
-    if shutil.which(shlex.split(compiler())[0]) is None:
+    if not compiler_available():
         raise CompiledOpError(
             f"no C++ compiler {compiler()!r} on PATH to build {SOURCE.name}. Install one (e.g. "
             "g++) or set $CXX, or pass resize_kernel='tensorflow' (--resize_kernel=tensorflow).")

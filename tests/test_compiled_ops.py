@@ -2,7 +2,6 @@
 and its fallback, and the training pipeline with either resize kernel."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pipelines import augment, compiled_ops
 REPO = Path(__file__).resolve().parents[1]
 
 needs_compiler = pytest.mark.skipif(
-    shutil.which(compiled_ops.compiler().split()[0]) is None,
+    not compiled_ops.compiler_available(),
     reason=f"no C++ compiler {compiled_ops.compiler()!r} to build the op")
 
 
