@@ -5,20 +5,29 @@
     keras_vit.save_npz(model, "mine.npz")
 """
 
-from keras_vit.checkpoints import CheckpointError, from_npz, load_npz, save_npz
+from keras_vit.checkpoints import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    from_npz,
+    load_npz,
+    save_npz,
+)
+from keras_vit.class_names import read_class_names, resolve_class_names, write_class_names
 from keras_vit.layers import (
     AddPositionEmbedding,
     ClassToken,
     Encoder,
+    MlpBlock,
     MultiHeadSelfAttention,
     PatchEmbedding,
     StochasticDepth,
     TokenPooling,
     TransformerBlock,
 )
-from keras_vit.loading import load_classifier, read_class_names, write_class_names
+from keras_vit.loading import load_classifier
 from keras_vit.model import attention_model, create_model
 from keras_vit.posemb import resample as resample_position_embedding
-from keras_vit.variants import VARIANTS, ViTConfig, parse_variant
+from keras_vit.variants import POOLINGS, VARIANTS, ViTConfig, parse_variant
+from pipelines.errors import MissingExtraError, MissingFileError, UserError
 
 __version__ = "0.1.0"

@@ -1,27 +1,23 @@
-"""Classification evaluation: top-1/top-5, per-class accuracy, confusion matrix, predictions.
+"""Classification metrics: top-1/top-5, per-class accuracy, confusion matrix.
 
-The arithmetic is pure NumPy (`top_k_correct`, `ConfusionCounts`, `top_k_predictions`) so it
-can be checked by hand; `evaluate` runs a model over a finite dataset under any
-`tf.distribute` strategy and feeds the logits to that arithmetic.
+The arithmetic is pure NumPy (`label_ranks`, `top_k_correct`, `ConfusionCounts`) so it can be
+checked by hand; `evaluate` runs a model over a finite dataset under any `tf.distribute`
+strategy and feeds the logits to that arithmetic. Predicting on image files is
+`keras_vit.inference`; class names are `keras_vit.class_names`.
 
 Ties between logits are broken toward the lower class index, as `np.argmax` does, so the
 top-1 accuracy always agrees with the confusion matrix's diagonal (an untrained model whose
 zero head gives equal logits everywhere predicts class 0 for every image, not "all correct").
 """
 
-import importlib.resources
-import json
-import re
 import time
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-import pipelines
-from pipelines.preprocess import sniff_format
-
-IMAGENET_CLASS_NAMES = "imagenet_class_names.json"
+from keras_vit.class_names import fallback_class_names
+from pipelines.errors import UserError
 
 
 # --- Arithmetic (NumPy) ------------------------------------------------------------------------
@@ -48,7 +44,7 @@ def label_ranks(logits, labels):
         )
     num_classes = logits.shape[1]
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
+        raise UserError(
             f"Labels must lie in [0, {num_classes}) for a {num_classes}-class model, found "
             f"{labels.min()}..{labels.max()}; check the dataset's label offset and class count."
         )
@@ -112,6 +108,7 @@ class ConfusionCounts:
         (over the classes that occur), and per_class [{index, name, num_examples, accuracy}]."""
         per_class = self.per_class_accuracy()
         counts = self.confusion.sum(axis=1)
+        names = class_names if class_names is not None else fallback_class_names(self.num_classes)
         present = counts > 0
         result = {"num_examples": self.num_examples}
         for k in self.ks:
@@ -122,7 +119,7 @@ class ConfusionCounts:
         result["per_class"] = [
             {
                 "index": index,
-                "name": class_names[index] if class_names is not None else str(index),
+                "name": names[index],
                 "num_examples": int(counts[index]),
                 "accuracy": _json_float(per_class[index]),
             }
@@ -165,58 +162,6 @@ def format_report(results, max_classes=30):
 
 def _percent(value):
     return "n/a" if value is None else f"{100.0 * value:.2f}%"
-
-
-def softmax(logits):
-    """Softmax over the last axis, in float64. (..., num_classes) -> (..., num_classes)."""
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def top_k_predictions(logits, k=5):
-    """The k most probable classes of each example, most probable first.
-
-    Args:
-        logits: (batch, num_classes).
-        k: how many; clipped to num_classes.
-
-    Returns:
-        (indices (batch, k) int64, probabilities (batch, k) float64): softmax probabilities;
-        ties go to the lower class index.
-    """
-    probabilities = softmax(logits)
-    k = min(int(k), probabilities.shape[-1])
-    # A stable sort of the negated probabilities keeps equal ones in index order.
-    indices = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
-    return indices.astype(np.int64), np.take_along_axis(probabilities, indices, axis=-1)
-
-
-# --- Class names -------------------------------------------------------------------------------
-
-
-def imagenet_class_names():
-    """The 1000 ImageNet-1k class names in label order (index 0 = "tench"), shipped with
-    the package (from Keras's imagenet_class_index.json)."""
-    text = importlib.resources.files("keras_vit").joinpath("data", IMAGENET_CLASS_NAMES).read_text(
-        encoding="utf-8"
-    )
-    return json.loads(text)
-
-
-def resolve_class_names(num_classes, class_names=None):
-    """Names for a `num_classes`-way head: the given ones, else ImageNet's for 1000 classes,
-    else "0", "1", ...  Raises ValueError when the given names do not match the head."""
-    if class_names is not None:
-        if len(class_names) != num_classes:
-            raise ValueError(
-                f"{len(class_names)} class names for a model with {num_classes} outputs; pass a "
-                "labels file with one name per output."
-            )
-        return list(class_names)
-    if num_classes == 1000:
-        return imagenet_class_names()
-    return [str(index) for index in range(num_classes)]
 
 
 # --- Running a model ---------------------------------------------------------------------------
@@ -286,51 +231,3 @@ def evaluate(model, dataset_fn, *, strategy=None, num_classes=None, ks=(1, 5), l
         "num_replicas": int(strategy.num_replicas_in_sync),
     }
     return counts, stats
-
-
-def load_images(paths, image_size, central_crop_fraction=None):
-    """Reads image files and preprocesses them as evaluation does (`pipelines.preprocess_for_eval`).
-
-    Args:
-        paths: image files (JPEG, PNG, GIF or BMP).
-        image_size: output side in pixels.
-        central_crop_fraction: optional, see `pipelines.preprocess_for_eval`.
-
-    Returns:
-        float32 (len(paths), image_size, image_size, 3) in [0, 255].
-
-    Raises:
-        FileNotFoundError: a path does not exist. ValueError: a file is not a decodable image.
-    """
-    images = []
-    for path in paths:
-        if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
-            raise FileNotFoundError(f"Image file {path} does not exist.")
-        with tf.io.gfile.GFile(path, "rb") as stream:
-            data = stream.read()
-        try:
-            image = pipelines.preprocess_for_eval(
-                tf.constant(data), image_size, central_crop_fraction, context=path
-            )
-        except tf.errors.InvalidArgumentError as error:
-            image_format = sniff_format(data)
-            if image_format is None:
-                raise ValueError(
-                    f"{path} is not a decodable image: expected JPEG, PNG, GIF or BMP bytes, "
-                    f"found {data[:8]!r}..."
-                ) from None
-            # The decoder's own reason, without TensorFlow's "{{function_node ...}}" and
-            # "[Op:DecodeImage]" wrapping.
-            reason = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", error.message.splitlines()[0]).strip()
-            raise ValueError(
-                f"{path} starts like a {image_format.upper()} file but could not be decoded (is "
-                f"it truncated or corrupt?): {reason[:200]}"
-            ) from None
-        images.append(image.numpy())
-    return np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.float32)
-
-
-def predict_logits(model, images, batch_size=32):
-    """Logits (N, num_classes) float32 of images (N, H, W, 3) in [0, 255], in batches."""
-    return np.asarray(model.predict(np.asarray(images, np.float32), batch_size=batch_size,
-                                    verbose=0), dtype=np.float32)

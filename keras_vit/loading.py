@@ -10,34 +10,15 @@ A training model directory (written by tools/train.py) holds:
     results.json         final metrics
 """
 
-import json
 import os
 
 import keras
 
 from keras_vit.checkpoints import from_npz
+from keras_vit.class_names import CLASS_NAMES_FILENAME, read_class_names
+from pipelines.errors import MissingFileError, UserError
 
 MODEL_FILENAME = "model.keras"
-CLASS_NAMES_FILENAME = "class_names.json"
-
-
-def read_class_names(path):
-    """Reads class names from a JSON list or a text file with one name per line."""
-    with open(path, encoding="utf-8") as stream:
-        text = stream.read()
-    if path.endswith(".json"):
-        names = json.loads(text)
-        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-            raise ValueError(f"{path} must hold a JSON list of class-name strings.")
-        return names
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def write_class_names(class_names, directory):
-    path = os.path.join(directory, CLASS_NAMES_FILENAME)
-    with open(path, "w", encoding="utf-8") as stream:
-        json.dump(list(class_names), stream, indent=1)
-    return path
 
 
 def load_classifier(path, *, image_size=None, num_classes=None, class_names_path=None):
@@ -58,7 +39,7 @@ def load_classifier(path, *, image_size=None, num_classes=None, class_names_path
     if os.path.isdir(path):
         model_path = os.path.join(path, MODEL_FILENAME)
         if not os.path.exists(model_path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} is a directory without {MODEL_FILENAME}: expected a model directory "
                 "written by tools/train.py, or pass a .keras or .npz file."
             )
@@ -68,7 +49,7 @@ def load_classifier(path, *, image_size=None, num_classes=None, class_names_path
             class_names = read_class_names(names_path)
     elif path.endswith(".keras"):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"Model file {path} does not exist.")
+            raise MissingFileError(f"Model file {path} does not exist.")
         model = keras.models.load_model(path)
         names_path = os.path.join(os.path.dirname(path), CLASS_NAMES_FILENAME)
         if os.path.exists(names_path):
@@ -76,7 +57,7 @@ def load_classifier(path, *, image_size=None, num_classes=None, class_names_path
     elif path.endswith(".npz"):
         model = from_npz(path, image_size=image_size, num_classes=num_classes)
     else:
-        raise ValueError(
+        raise UserError(
             f"Cannot tell what {path} is: expected a .keras file, an .npz checkpoint or a "
             "model directory holding model.keras."
         )
@@ -84,7 +65,7 @@ def load_classifier(path, *, image_size=None, num_classes=None, class_names_path
         class_names = read_class_names(class_names_path)
     num_outputs = model.output_shape[-1]
     if class_names is not None and len(class_names) != num_outputs:
-        raise ValueError(
+        raise UserError(
             f"{len(class_names)} class names for a model with {num_outputs} outputs "
             f"({class_names_path or path}); the names must match the head."
         )

@@ -1,4 +1,4 @@
-"""keras_vit.evaluation's prediction helpers and tools/predict.py.
+"""keras_vit.inference, keras_vit.class_names and tools/predict.py.
 
 Truths: softmax computed by hand; the Keras ImageNet class index in shared/data; a tiny ViT
 whose zero head kernel makes its logits equal its bias, so the top-5 is the bias's order.
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import keras_vit
-from keras_vit import evaluation
+from keras_vit import class_names, inference
 from conftest import shared_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,33 +23,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_top_k_predictions_by_hand():
     logits = np.array([[0.0, math.log(3.0), math.log(2.0)], [1.0, 1.0, 1.0]])
-    indices, probabilities = evaluation.top_k_predictions(logits, k=2)
+    indices, probabilities = inference.top_k_predictions(logits, k=2)
     # exp: 1, 3, 2 -> probabilities 1/6, 3/6, 2/6; equal logits go in index order.
     np.testing.assert_array_equal(indices, [[1, 2], [0, 1]])
     np.testing.assert_allclose(probabilities, [[0.5, 1 / 3], [1 / 3, 1 / 3]])
-    assert evaluation.top_k_predictions(logits, k=10)[0].shape == (2, 3)
+    assert inference.top_k_predictions(logits, k=10)[0].shape == (2, 3)
 
 
 def test_imagenet_class_names_match_the_keras_index():
-    names = evaluation.imagenet_class_names()
+    names = class_names.imagenet_class_names()
     assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
     index = json.loads(shared_data("imagenet", "imagenet_class_index.json").read_text())
     assert names == [index[str(i)][1].replace("_", " ") for i in range(1000)]
 
 
 def test_resolve_class_names():
-    assert evaluation.resolve_class_names(3) == ["0", "1", "2"]
-    assert evaluation.resolve_class_names(1000)[1] == "goldfish"
-    assert evaluation.resolve_class_names(2, ["a", "b"]) == ["a", "b"]
+    assert class_names.resolve_class_names(3) == ["class_0", "class_1", "class_2"]
+    assert class_names.resolve_class_names(1000)[1] == "goldfish"
+    assert class_names.resolve_class_names(2, ["a", "b"]) == ["a", "b"]
     with pytest.raises(ValueError, match="3 class names for a model with 2 outputs"):
-        evaluation.resolve_class_names(2, ["a", "b", "c"])
+        class_names.resolve_class_names(2, ["a", "b", "c"])
 
 
 def test_load_images_uses_the_eval_preprocessing(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.png")
     Image.fromarray(pixels[:, :, 0]).save(tmp_path / "gray.png")
-    images = evaluation.load_images([str(tmp_path / "a.png"), str(tmp_path / "gray.png")], 16)
+    images = inference.load_images([str(tmp_path / "a.png"), str(tmp_path / "gray.png")], 16)
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.float32
     np.testing.assert_array_equal(images[0], pixels)  # same size: the resize changes nothing
     np.testing.assert_array_equal(images[1], np.repeat(pixels[:, :, :1], 3, axis=2))
@@ -57,16 +57,16 @@ def test_load_images_uses_the_eval_preprocessing(tmp_path):
 
 def test_load_images_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"Image file {tmp_path}/none.jpg does not exist"):
-        evaluation.load_images([str(tmp_path / "none.jpg")], 16)
+        inference.load_images([str(tmp_path / "none.jpg")], 16)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match=f"{tmp_path}/notes.txt is not a decodable image") as bad:
-        evaluation.load_images([str(tmp_path / "notes.txt")], 16)
+        inference.load_images([str(tmp_path / "notes.txt")], 16)
     assert "b'hello'" in str(bad.value) and "tf.Tensor" not in str(bad.value)
     # A real PNG cut short: its format is named, with the decoder's reason.
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "whole.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:40])
     with pytest.raises(ValueError, match=f"{tmp_path}/cut.png starts like a PNG file") as cut:
-        evaluation.load_images([str(tmp_path / "cut.png")], 16)
+        inference.load_images([str(tmp_path / "cut.png")], 16)
     assert "could not be decoded" in str(cut.value) and "function_node" not in str(cut.value)
 
 

@@ -1,8 +1,9 @@
 """What a trained ViT does: attention rollout, attention distance, position-embedding
 similarity (the paper's Figures 6 and 7), training curves, and the figures that draw them.
 
-The arithmetic modules (`attention`, `embeddings`, `curves`) are pure NumPy / file reading;
-`figures` turns their arrays into matplotlib figures and is the only one importing matplotlib.
+`attention` runs the model once for its attention maps (`attention_maps`) and does the rest in
+NumPy; `embeddings` is NumPy; `curves` reads TensorBoard event files with TensorFlow. `figures`
+turns their arrays into matplotlib figures and is the only one importing matplotlib.
 """
 
 from keras_vit.analysis.attention import (

@@ -7,6 +7,8 @@ order, as `keras_vit.attention_model` returns them.
 
 import numpy as np
 
+from pipelines.errors import UserError
+
 
 def model_geometry(model):
     """(grid_size (gh, gw), patch_size in pixels, num_prefix_tokens) of a keras_vit model."""
@@ -14,7 +16,7 @@ def model_geometry(model):
         position = model.get_layer("position_embedding")
         patches = model.get_layer("patch_embedding")
     except ValueError as error:
-        raise ValueError(
+        raise UserError(
             f"Model {model.name!r} has no 'position_embedding' / 'patch_embedding' layer: expected "
             "a Vision Transformer built by keras_vit.create_model or loaded by load_classifier."
         ) from error

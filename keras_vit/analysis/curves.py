@@ -14,7 +14,9 @@ import re
 import numpy as np
 import tensorflow as tf
 
-#: Panels of a curves figure, in order, with the metric names that go in each.
+from pipelines.errors import MissingFileError
+
+#: The panels of a curves figure, in order; `group_curves` sorts each metric into one of them.
 CURVE_GROUPS = ("loss", "accuracy", "learning rate")
 _EVALUATION_TAG = re.compile(r"^evaluation_(.+)_vs_iterations$")
 
@@ -50,10 +52,10 @@ def read_scalars(logdir):
         twice (a resumed run) keeps its last value.
 
     Raises:
-        FileNotFoundError: `logdir` is missing or holds no event file.
+        MissingFileError: `logdir` is missing or holds no event file.
     """
     if not tf.io.gfile.isdir(logdir):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"TensorBoard log directory {logdir} does not exist: expected MODEL_DIR/logs as "
             "tools/train.py writes it, or pass --logdir."
         )
@@ -68,7 +70,7 @@ def read_scalars(logdir):
                 if number is not None:
                     points[run][value.tag][int(event.step)] = number
     if not found:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No TensorBoard event files (*tfevents*) under {logdir}; was the run trained with "
             "the TensorBoard callback?"
         )

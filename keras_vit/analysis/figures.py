@@ -9,6 +9,8 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipelines.errors import UserError
+
 _COLORBAR_LABEL = "<colorbar>"  # The label matplotlib gives colorbar axes.
 
 
@@ -20,7 +22,7 @@ def panel_count(figure):
 def save(figure, path, dpi=100):
     """Writes the figure as a PNG at `path` (parent directories created); returns `path`."""
     if not str(path).lower().endswith(".png"):
-        raise ValueError(f"--output must be a .png file, got {path}.")
+        raise UserError(f"Figures are written as PNG: the path must be a .png file, got {path}.")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     figure.savefig(path, dpi=dpi, format="png")
@@ -168,7 +170,7 @@ def confusion_figure(confusion, class_names=None, max_labels=40):
     ax = figure.subplots()
     image = ax.imshow(normalized, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     if num_classes <= max_labels:
-        names = class_names or [str(i) for i in range(num_classes)]
+        names = class_names or [str(i) for i in range(num_classes)]  # else tick = class index
         ax.set_xticks(np.arange(num_classes), names, rotation=90, fontsize=7)
         ax.set_yticks(np.arange(num_classes), names, fontsize=7)
         if num_classes <= 20:

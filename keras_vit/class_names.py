@@ -1,0 +1,66 @@
+"""Class names: reading, writing, and the names a head gets when none are known.
+
+The one home of class-name handling. A training model directory keeps them in
+`class_names.json` (a JSON list, index = label); users may also pass a text file with one name
+per line. A head without known names gets ImageNet's 1000 names when it has 1000 outputs, else
+`fallback_class_names`: the same labels in evaluation reports, training model directories and
+the SavedModel's `labels` output.
+"""
+
+import importlib.resources
+import json
+import os
+
+from pipelines.errors import UserError
+
+CLASS_NAMES_FILENAME = "class_names.json"
+IMAGENET_CLASS_NAMES = "imagenet_class_names.json"
+
+
+def fallback_class_names(num_classes):
+    """["class_0", ..., "class_{K-1}"]: the names of a head whose classes have none."""
+    return [f"class_{index}" for index in range(num_classes)]
+
+
+def imagenet_class_names():
+    """The 1000 ImageNet-1k class names in label order (index 0 = "tench"), shipped with
+    the package (from Keras's imagenet_class_index.json)."""
+    text = importlib.resources.files("keras_vit").joinpath("data", IMAGENET_CLASS_NAMES).read_text(
+        encoding="utf-8"
+    )
+    return json.loads(text)
+
+
+def resolve_class_names(num_classes, class_names=None):
+    """Names for a `num_classes`-way head: the given ones, else ImageNet's for 1000 classes,
+    else `fallback_class_names`. Raises UserError when the given names do not match the head."""
+    if class_names is not None:
+        if len(class_names) != num_classes:
+            raise UserError(
+                f"{len(class_names)} class names for a model with {num_classes} outputs; pass a "
+                "labels file with one name per output."
+            )
+        return list(class_names)
+    if num_classes == 1000:
+        return imagenet_class_names()
+    return fallback_class_names(num_classes)
+
+
+def read_class_names(path):
+    """Reads class names from a JSON list or a text file with one name per line."""
+    with open(path, encoding="utf-8") as stream:
+        text = stream.read()
+    if path.endswith(".json"):
+        names = json.loads(text)
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise UserError(f"{path} must hold a JSON list of class-name strings.")
+        return names
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def write_class_names(class_names, directory):
+    """Writes `directory/class_names.json`; returns its path."""
+    path = os.path.join(directory, CLASS_NAMES_FILENAME)
+    with open(path, "w", encoding="utf-8") as stream:
+        json.dump(list(class_names), stream, indent=1)
+    return path

@@ -1,0 +1,89 @@
+"""Predicting on image files: read and preprocess them as evaluation does, run the model,
+rank the classes.
+
+    images = load_images(["cat.jpg"], image_size=224)        # (1, 224, 224, 3) in [0, 255]
+    indices, probabilities = top_k_predictions(predict_logits(model, images), k=5)
+"""
+
+import re
+
+import numpy as np
+import tensorflow as tf
+
+import pipelines
+from pipelines.errors import MissingFileError, UserError
+from pipelines.preprocess import sniff_format
+
+
+def softmax(logits):
+    """Softmax over the last axis, in float64. (..., num_classes) -> (..., num_classes)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def top_k_predictions(logits, k=5):
+    """The k most probable classes of each example, most probable first.
+
+    Args:
+        logits: (batch, num_classes).
+        k: how many; clipped to num_classes.
+
+    Returns:
+        (indices (batch, k) int64, probabilities (batch, k) float64): softmax probabilities;
+        ties go to the lower class index.
+    """
+    probabilities = softmax(logits)
+    k = min(int(k), probabilities.shape[-1])
+    # A stable sort of the negated probabilities keeps equal ones in index order.
+    indices = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    return indices.astype(np.int64), np.take_along_axis(probabilities, indices, axis=-1)
+
+
+def load_images(paths, image_size, central_crop_fraction=None):
+    """Reads image files and preprocesses them as evaluation does (`pipelines.preprocess_for_eval`).
+
+    Args:
+        paths: image files (JPEG, PNG, GIF or BMP).
+        image_size: output side in pixels.
+        central_crop_fraction: optional, see `pipelines.preprocess_for_eval`.
+
+    Returns:
+        float32 (len(paths), image_size, image_size, 3) in [0, 255].
+
+    Raises:
+        MissingFileError: a path does not exist.
+        UserError: a file is not a decodable image.
+    """
+    images = []
+    for path in paths:
+        if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+            raise MissingFileError(f"Image file {path} does not exist.")
+        with tf.io.gfile.GFile(path, "rb") as stream:
+            data = stream.read()
+        try:
+            image = pipelines.preprocess_for_eval(
+                tf.constant(data), image_size, central_crop_fraction, context=path
+            )
+        except tf.errors.InvalidArgumentError as error:
+            image_format = sniff_format(data)
+            if image_format is None:
+                raise UserError(
+                    f"{path} is not a decodable image: expected JPEG, PNG, GIF or BMP bytes, "
+                    f"found {data[:8]!r}..."
+                ) from None
+            # The decoder's own reason, without TensorFlow's "{{function_node ...}}" and
+            # "[Op:DecodeImage]" wrapping.
+            reason = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", error.message.splitlines()[0]).strip()
+            raise UserError(
+                f"{path} starts like a {image_format.upper()} file but could not be decoded (is "
+                f"it truncated or corrupt?): {reason[:200]}"
+            ) from None
+        images.append(image.numpy())
+    return np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.float32)
+
+
+def predict_logits(model, images, batch_size=32):
+    """Logits (N, num_classes) float32 of images (N, H, W, 3) in [0, 255], in batches."""
+    return np.asarray(model.predict(np.asarray(images, np.float32), batch_size=batch_size,
+                                    verbose=0), dtype=np.float32)
