@@ -17,20 +17,17 @@ thread pool limited to each size, to show how throughput scales with cores.
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import tensorflow as tf
 from absl import app, flags
 
+import pipelines
+from pipelines import compiled_ops, records
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import tensorflow as tf  # noqa: E402
-
-import pipelines  # noqa: E402
-from pipelines import compiled_ops, records  # noqa: E402
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", str(REPO.parent / "shared" / "data" / "imagenet" / "sample_images"),

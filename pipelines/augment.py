@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 
 from pipelines import preprocess
+from pipelines.errors import UserError
 
 #: Inception crop parameters (Szegedy et al. 2015), as used by the ViT paper and big_vision.
 AREA_RANGE = (0.05, 1.0)
@@ -34,15 +35,18 @@ def _crop_window(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 def decode_and_random_crop(
     image_bytes: tf.Tensor, seed: tf.Tensor, context: tf.Tensor | str = ""
 ) -> tf.Tensor:
-    """Decodes a random Inception crop of an encoded image: uint8 `(crop_h, crop_w, 3)`.
+    """Decodes a random Inception crop of an encoded image.
 
     For JPEG only the crop window is decoded (`decode_and_crop_jpeg`), which is what keeps the
     training pipeline as fast as plain decoding. Other formats are decoded whole, then cropped.
 
     Args:
-      image_bytes: scalar string tensor.
-      seed: int32/int64 `(2,)` stateless seed.
-      context: string included in error messages (the shard file).
+        image_bytes: scalar string tensor.
+        seed: int32/int64 `(2,)` stateless seed.
+        context: string included in error messages (the shard file).
+
+    Returns:
+        uint8 `(crop_h, crop_w, 3)`.
     """
 
     def jpeg():
@@ -83,7 +87,7 @@ def parse_randaugment(spec: str | tuple | None) -> tuple[int, float] | None:
     else:
         parts = list(spec)
     if len(parts) != 2:
-        raise ValueError(
+        raise UserError(
             f"randaugment must be 'num_layers,magnitude' such as '2,15'; got {spec!r}."
         )
     return int(parts[0]), float(parts[1])
@@ -94,6 +98,16 @@ def make_randaugment(spec: str | tuple | None, seed: int | None = None):
 
     The magnitude uses the 0..30 scale of the AugReg paper / big_vision configs
     (`randaug(2, 15)`); Keras' `factor` is `magnitude / 30` (so 15 -> Keras' default 0.5).
+
+    Args:
+        spec: `"num_layers,magnitude"` such as `"2,15"`, a pair, or None / `""` / `"none"`.
+        seed: Keras' seed of the layer.
+
+    Returns:
+        The layer, or None when `spec` asks for none.
+
+    Raises:
+        UserError: `spec` is not two comma-separated numbers.
     """
     parsed = parse_randaugment(spec)
     if parsed is None:
@@ -105,10 +119,16 @@ def make_randaugment(spec: str | tuple | None, seed: int | None = None):
 
 
 def make_mixup(alpha: float, num_classes: int, seed: int | None = None):
-    """Returns `fn(images, labels) -> (images, soft_labels)` for a batch, using `keras.layers.MixUp`.
+    """Mixup of a whole batch, with `keras.layers.MixUp`.
 
-    `images` float32 `(batch, h, w, 3)`, `labels` int32 `(batch,)`; the soft labels are float32
-    `(batch, num_classes)` and sum to 1.
+    Args:
+        alpha: the Beta distribution's parameter of the mixing weights.
+        num_classes: the length of the soft labels.
+        seed: Keras' seed of the mixing weights and partners.
+
+    Returns:
+        `fn(images float32 (batch, h, w, 3), labels int32 (batch,)) -> (images, soft labels
+        float32 (batch, num_classes))`; each soft label sums to 1.
     """
     layer = keras.layers.MixUp(alpha=alpha, seed=seed)
 

@@ -1,13 +1,12 @@
 """The training pipeline's compiled TensorFlow op: `resize_bilinear_flip`.
 
 After JPEG decoding, TensorFlow's Cast + `ResizeBilinear` + flip are the largest cost of the
-training input pipeline (docs/data.md). `ResizeBilinearFlip` (`ops/resize_bilinear_flip.cc`)
-computes the same float32 pixels (to ~3e-5) in one separable pass in about half the CPU time
-(one core, a 281x344 crop to 224x224: 95 us against 172-215 us), which brings the training
-pipeline from ~0.85 to ~0.9 of the rate of plain JPEG decoding (bench/pipeline.py).
+training input pipeline. `ResizeBilinearFlip` (`ops/resize_bilinear_flip.cc`) computes the same
+float32 pixels (to ~3e-5) in one separable pass, in less CPU time; the measurements are in
+docs/data.md, 'The compiled resize op'.
 
 The op is compiled from its source against the installed TensorFlow on first use (a C++17
-compiler: `$CXX`, else `c++`; about 6 s) and cached as
+compiler: `$CXX`, else `c++`) and cached as
 `$KERAS_VIT_CACHE_DIR/ops/resize_bilinear_flip-tf<version>-<hash>.so` (default cache dir
 `~/.cache/keras_vit`), the hash covering the source, the compiler and the flags. Where it cannot
 be built or loaded, `load_resize_op(required=False)` logs why, once, and returns None: the pipeline
@@ -31,6 +30,8 @@ from pathlib import Path
 import tensorflow as tf
 from absl import logging
 
+from pipelines.errors import UserError
+
 SOURCE = Path(__file__).resolve().parent / "ops" / "resize_bilinear_flip.cc"
 #: `build_dataset(resize_kernel=...)`: the compiled op where it builds (else TensorFlow's ops,
 #: with a warning), the compiled op or an error, or TensorFlow's ops only.
@@ -43,8 +44,11 @@ _library = None
 _errors: dict[str, str] = {}  # library path -> why it could not be built or loaded
 
 
-class CompiledOpError(RuntimeError):
-    """The compiled op could not be built or loaded; the message says why and what to do."""
+class CompiledOpError(UserError, RuntimeError):
+    """The compiled op could not be built or loaded; the message says why and what to do.
+
+    Also a `RuntimeError`, so code that catches `RuntimeError` around the build keeps working.
+    """
 
 
 def cache_dir() -> Path:
@@ -78,7 +82,11 @@ def library_path() -> Path:
 
 
 def _build(path: Path) -> None:
-    """Compiles the op into `path` atomically (concurrent builders each write their own file)."""
+    """Compiles the op into `path` atomically (concurrent builders each write their own file).
+
+    Raises:
+        CompiledOpError: no compiler, an unwritable cache folder, or the compiler failed.
+    """
     if not compiler_available():
         raise CompiledOpError(
             f"no C++ compiler {compiler()!r} on PATH to build {SOURCE.name}. Install one (e.g. "
@@ -105,11 +113,17 @@ def _build(path: Path) -> None:
 
 
 def load_resize_op(required: bool = False):
-    """The loaded op library (`.resize_bilinear_flip`), building it on first use.
+    """The loaded op library, building it on first use.
 
     Args:
-      required: raise `CompiledOpError` when the op cannot be built or loaded; otherwise log
-        the reason (once per process) and return None.
+        required: raise `CompiledOpError` when the op cannot be built or loaded; otherwise log
+            the reason (once per process) and return None.
+
+    Returns:
+        The library, whose `.resize_bilinear_flip` `resize_bilinear_flip` calls, or None.
+
+    Raises:
+        CompiledOpError: `required` and the op cannot be built or loaded.
     """
     global _library
     with _lock:
@@ -139,7 +153,15 @@ def resize_bilinear_flip(library, image: tf.Tensor, image_size: int, flip: tf.Te
     """uint8 `(h, w, 3)` -> float32 `(image_size, image_size, 3)` in [0, 255], mirrored if `flip`.
 
     Equals `preprocess.resize(image)` (then `tf.reverse(..., [1])` when `flip`) to ~3e-5.
-    `library` is what `load_resize_op` returned.
+
+    Args:
+        library: what `load_resize_op` returned.
+        image: uint8 `(h, w, 3)`.
+        image_size: output side in pixels.
+        flip: scalar bool tensor.
+
+    Returns:
+        float32 `(image_size, image_size, 3)` in [0, 255].
     """
     resized = library.resize_bilinear_flip(image, [image_size, image_size], flip)
     resized.set_shape([image_size, image_size, 3])

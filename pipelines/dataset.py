@@ -1,19 +1,26 @@
 """`build_dataset`: the tf.data input pipeline for training and evaluation.
 
-Training: shard files per input pipeline, shuffle and repeat the file list, parallel interleave,
-shuffle records, parallel decode of an Inception crop (only the crop window of a JPEG is decoded)
-and a flip decision (or, with `augment="none"`, the eval decode), skip bad records, resize and flip
-(one compiled op, see `compiled_ops`) fused with the batching, optional RandAugment, fixed-shape
-batches, optional mixup, prefetch.
-Evaluation: every example exactly once, in the order of the (sorted) shards and of the records
-within them, `preprocess_for_eval`, a final partial batch.
+The pipeline is a chain of named stages, each a function below, in this order:
 
-Bad data is never dropped without a count: see `BadRecordCounter`.
+1. source records: the shard files of this input pipeline (`_tfrecord_source`) or a TFDS split
+   (`_tfds_source`), then cache, record shuffle and repeat (`_shuffle_and_repeat`). Training
+   shuffles and repeats the file list and interleaves the files; evaluation reads every example
+   exactly once, in the order of the (sorted) shards and of the records within them.
+2. parse and decode (`_decode_records`): training decodes an Inception crop (only the crop window
+   of a JPEG) and draws the flip; evaluation and `augment="none"` run `preprocess.decode_for_eval`.
+   Bad records are skipped and counted (`_skip_bad_records`) or raise naming the shard
+   (`_fail_on_bad_records`); see `BadRecordCounter`.
+3. augment and batch (`_resize_and_batch`): resize and flip (one compiled op, see
+   `compiled_ops`), optional RandAugment, fused with the batching.
+4. batch checks (`_check_labels`, `_fixed_batch_shape`, `_mix_up`): labels in range, fixed-shape
+   training batches, optional mixup.
+5. options and prefetch (`_with_options_and_prefetch`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import os
 import struct
@@ -22,6 +29,7 @@ import tensorflow as tf
 from absl import logging
 
 from pipelines import augment as augment_lib, compiled_ops, info as info_lib, preprocess, records
+from pipelines.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
 _BAD_RECORD_MODES = ("skip", "fail")
@@ -30,13 +38,14 @@ _BAD_RECORD_MODES = ("skip", "fail")
 AUGMENT_MODES = ("inception_crop", "none")
 
 
-class CorruptShardError(ValueError):
+class CorruptShardError(UserError):
     """A TFRecord shard is truncated or its record framing is corrupt."""
 
 
 class BadRecordCounter:
     """Counts the records a pipeline skipped (`on_bad_record="skip"`).
 
+    Pass one to `build_dataset(bad_record_counter=...)` and read it while or after iterating.
     Two kinds of bad data are counted:
     * broken shards (truncated file, corrupt record framing), found when the pipeline is built;
       the complete records before the break are still read. Listed in `shard_errors`.
@@ -51,13 +60,16 @@ class BadRecordCounter:
         with tf.init_scope(), tf.device("/cpu:0"):
             self._seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_seen")
             self._delivered = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_ok")
+        #: Broken shard path -> (what is wrong, number of records lost).
         self.shard_errors: dict[str, tuple[str, int]] = {}
 
     def add_shard_error(self, path: str, message: str, num_lost: int) -> None:
+        """Records that `num_lost` records of the shard at `path` are unreadable, and why."""
         self.shard_errors[path] = (message, num_lost)
 
     @property
     def num_bad_records(self) -> int:
+        """Records that were read but whose Example did not parse or image did not decode."""
         return int(self._seen.numpy() - self._delivered.numpy())
 
     @property
@@ -72,6 +84,57 @@ class BadRecordCounter:
         return self._delivered.assign_add(tf.cast(num_records, tf.int64), read_value=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class _RecordOrder:
+    """Which records a pipeline reads, in what order and how often (resolved arguments)."""
+
+    training: bool  # shuffle files and records; fixed-size batches
+    deterministic: bool  # as passed to `build_dataset`
+    seed: int | None
+    repeat_count: int | None  # None: once; -1: forever; n: n times
+    shuffle_buffer: int
+    cache: bool
+
+    @property
+    def is_fixed(self) -> bool:
+        """Do parallel stages keep their input order? Deterministic runs and evaluation."""
+        return bool(self.deterministic or not self.training)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BadRecordPolicy:
+    """What happens to broken shards and undecodable records (`on_bad_record`)."""
+
+    mode: str  # "skip": log, count in `counter` and go on; "fail": raise naming the shard
+    counter: BadRecordCounter
+    check_shards: bool  # walk each shard's record framing when the pipeline is built
+
+
+@dataclasses.dataclass(frozen=True)
+class _Augmentation:
+    """How one decoded record becomes a model input (resolved arguments)."""
+
+    mode: str  # "inception_crop", or "none" for the eval preprocessing
+    image_size: int
+    central_crop_fraction: float | None
+    resize_kernel: str
+    randaugment: str | None  # "num_layers,magnitude"; None when not training
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batching:
+    """How records are batched and what the labels must be (resolved arguments)."""
+
+    batch_size: int
+    num_classes: int | None
+    label_offset: int
+    fixed_shape: bool  # drop a partial batch and declare the batch dimension (training)
+    mixup_alpha: float  # 0 for none
+
+
+# ----------------------------------------------------------------------------- 1. source records
+
+
 def shard_files(files: list[str], input_context) -> list[str]:
     """The files of one input pipeline: `files[pipeline_id::num_pipelines]` (all when no context)."""
     if input_context is None or input_context.num_input_pipelines <= 1:
@@ -79,15 +142,40 @@ def shard_files(files: list[str], input_context) -> list[str]:
     return list(files[input_context.input_pipeline_id :: input_context.num_input_pipelines])
 
 
+def _files_of_pipeline(all_files, input_context):
+    """The files one input pipeline reads, and whether it must shard by record instead.
+
+    With fewer files than input pipelines every pipeline reads all files and keeps every n-th
+    record.
+
+    Returns:
+        `(files to read, the input context to shard the records by, or None)`.
+    """
+    if input_context is None or input_context.num_input_pipelines <= len(all_files):
+        return shard_files(all_files, input_context), None
+    num_pipelines = input_context.num_input_pipelines
+    logging.warning(
+        "%d shards for %d input pipelines: every pipeline reads all files and keeps every "
+        "%d-th record. Convert with --num_shards >= %d to shard by file.",
+        len(all_files), num_pipelines, num_pipelines, num_pipelines)
+    return list(all_files), input_context
+
+
 def scan_shard(path: str) -> tuple[int, str | None]:
     """Walks a TFRecord file's record framing without reading the payloads.
 
-    Returns `(number of complete records, None)` or `(records before the break, error message)`.
     Record layout: uint64 length, uint32 crc, `length` bytes, uint32 crc.
+
+    Args:
+        path: a local or remote (`scheme://`) TFRecord file.
+
+    Returns:
+        `(number of complete records, None)` for a sound file, else `(records before the break,
+        what is wrong)`.
     """
     size = tf.io.gfile.stat(path).length
     count = pos = 0
-    # Local files: unbuffered reads of the 8-byte headers only, about 1 us per record.
+    # Local files: unbuffered reads of the 8-byte headers only (see docs/data.md, 'Bad data').
     remote = "://" in path
     with (tf.io.gfile.GFile(path, "rb") if remote else open(path, "rb", buffering=0)) as f:
         while pos < size:
@@ -106,8 +194,20 @@ def scan_shard(path: str) -> tuple[int, str | None]:
     return count, None
 
 
-def _check_shards(files, counts, on_bad_record, counter, num_threads=8):
-    """Returns per-file record limits (-1 = all); handles broken shards per `on_bad_record`."""
+def _check_shards(files, counts, policy: _BadRecordPolicy, num_threads=8):
+    """Scans the shards for broken framing and applies `policy` to the broken ones.
+
+    Args:
+        files: shard paths.
+        counts: path -> the number of records `dataset_info.json` records for it (may be partial).
+        policy: "fail" raises; "skip" logs and counts the lost records in `policy.counter`.
+
+    Returns:
+        Per file, how many records to read: -1 for all, else the complete records before the break.
+
+    Raises:
+        CorruptShardError: a shard is broken and `policy.mode` is "fail".
+    """
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
         scans = list(pool.map(scan_shard, files))
     limits = []
@@ -115,7 +215,7 @@ def _check_shards(files, counts, on_bad_record, counter, num_threads=8):
         if error is None:
             limits.append(-1)
             continue
-        if on_bad_record == "fail":
+        if policy.mode == "fail":
             raise CorruptShardError(
                 f"TFRecord shard {path} is broken after {num_ok} complete records: {error}. "
                 "Re-create it with tools/convert_data.py, or pass on_bad_record='skip' to read "
@@ -124,7 +224,7 @@ def _check_shards(files, counts, on_bad_record, counter, num_threads=8):
         num_lost = max(counts.get(path, num_ok + 1) - num_ok, 1)
         logging.warning("Skipping %d record(s) of broken shard %s (%s); reading its first %d.",
                         num_lost, path, error, num_ok)
-        counter.add_shard_error(path, error, num_lost)
+        policy.counter.add_shard_error(path, error, num_lost)
         limits.append(num_ok)
     return limits
 
@@ -134,47 +234,180 @@ def _repeat(ds, count):
     return ds if count is None else ds.repeat(None if count < 0 else count)
 
 
-def _tfrecord_elements(files, limits, training, deterministic, shuffle_seed, repeat_count=None):
-    """Dataset of `(serialized Example, shard file name)`.
+def _read_shard(path, limit):
+    """The first `limit` (-1: all) records of one shard, each as `(serialized Example, path)`."""
+    return tf.data.TFRecordDataset(path, buffer_size=8 << 20).take(limit).map(lambda r: (r, path))
+
+
+def _tfrecord_elements(files, limits, order: _RecordOrder, repeat_count=None):
+    """Dataset of `(serialized Example string, shard file name string)`.
 
     `repeat_count` repeats the (reshuffled) file list, so the reading and decoding never drain
     at an epoch boundary (a record-level repeat after the record shuffle would wait for the
     shuffle buffer to refill every epoch).
     """
     ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(limits, tf.int64)))
-    if training:
-        ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if order.training:
+        ds = ds.shuffle(len(files), seed=order.seed, reshuffle_each_iteration=True)
     ds = _repeat(ds, repeat_count)
-
-    def read(path, limit):
-        return tf.data.TFRecordDataset(path, buffer_size=8 << 20).take(limit).map(
-            lambda r: (r, path)
-        )
-
-    if not training:  # shard after shard: eval sees the examples in the order they were written
-        return ds.flat_map(read)
+    if not order.training:  # shard after shard: eval sees the examples in the order written
+        return ds.flat_map(_read_shard)
     return ds.interleave(
-        read,
+        _read_shard,
         cycle_length=min(len(files), 16),
         block_length=1,
         num_parallel_calls=AUTOTUNE,
-        deterministic=deterministic,
+        deterministic=order.deterministic,
     )
 
 
+def _tfrecord_source(source, split, input_context, order, policy, repeat_files):
+    """The records of this input pipeline's shards of `split` at `source`.
+
+    Args:
+        source: a directory written by `pipelines.convert` or a TFRecord file pattern.
+        split: selects the `{split}-*` shards of a directory.
+        input_context: a `tf.distribute.InputContext` or None.
+        order: training shuffles the files and interleaves them.
+        policy: what to do with broken shards.
+        repeat_files: repeat the file list `order.repeat_count` times (else read it once).
+
+    Returns:
+        `(dataset of (serialized Example string, shard file name string), dataset info or None)`.
+    """
+    all_files, info = info_lib.resolve_shards(source, split)
+    files, record_shard = _files_of_pipeline(all_files, input_context)
+    counts = info_lib.expected_counts(files, info, split)
+    limits = _check_shards(files, counts, policy) if policy.check_shards else [-1] * len(files)
+    file_repeat_count = order.repeat_count if repeat_files else None
+    elements = _tfrecord_elements(files, limits, order, file_repeat_count)
+    if record_shard is not None:
+        elements = elements.shard(record_shard.num_input_pipelines, record_shard.input_pipeline_id)
+    return elements, info
+
+
+def _tfds_source(source, split, input_context, order, tfds_data_dir):
+    """The examples of a prepared TFDS split, sharded by TFDS per input pipeline.
+
+    Returns:
+        `(dataset of (encoded image string, label int64, "tfds:NAME/SPLIT" string), dataset info)`.
+    """
+    import tensorflow_datasets as tfds
+
+    name = source[len(info_lib.TFDS_PREFIX):]
+    info = info_lib.load_dataset_info(source, tfds_data_dir)
+    builder = tfds.builder(name, data_dir=tfds_data_dir)
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=order.seed)
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=order.training,
+        decoders={image_key: tfds.decode.SkipDecoding()},
+        read_config=read_config,
+    )
+    context = f"tfds:{name}/{split}"
+    return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64), context)), info
+
+
+def _shuffle_and_repeat(ds, order: _RecordOrder, repeat_count):
+    """Optional in-memory cache of the records, the record shuffle (training), `repeat_count`."""
+    if order.cache:
+        ds = ds.cache()
+    if order.training:
+        ds = ds.shuffle(order.shuffle_buffer, seed=order.seed, reshuffle_each_iteration=True)
+    return _repeat(ds, repeat_count)
+
+
+# ----------------------------------------------------------------------------- 2. parse and decode
+
+
 def _parse_tfrecord(serialized, path):
+    """`(serialized Example, path)` -> `(encoded image string, label int64, path)`."""
     image_bytes, label = records.parse_image_and_label(serialized)
     return image_bytes, label, path
 
 
-def _call_with_tuple(fn, *element):
-    return fn(element)
+def _already_parsed(image_bytes, label, context):
+    """TFDS elements are `(encoded image, label, context)` already."""
+    return image_bytes, label, context
+
+
+def _parse_counted(element, parse, counter):
+    """`parse(*element)`, counting the record as seen first."""
+    with tf.control_dependencies([counter._mark_seen()]):
+        return parse(*element)
+
+
+def _decode_inception_crop(element, seed, *, parse, counter):
+    """One record -> `(uint8 (crop_h, crop_w, 3) crop, bool flip, int64 label, context string)`.
+
+    Only the crop window of a JPEG is decoded; `seed` (int64 scalar) draws the crop and the flip.
+    """
+    image_bytes, label, context = _parse_counted(element, parse, counter)
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(tf.stack([seed, tf.constant(0, tf.int64)]), 2))
+    image = augment_lib.decode_and_random_crop(image_bytes, crop_seed, context)
+    flip = augment_lib.random_flip_decision(flip_seed)
+    return image, flip, label, context
+
+
+def _decode_for_eval(*element, parse, counter, central_crop_fraction):
+    """One record -> `(uint8 (h, w, 3) image, False, int64 label, context string)`."""
+    image_bytes, label, context = _parse_counted(element, parse, counter)
+    image = preprocess.decode_for_eval(image_bytes, central_crop_fraction, context=context)
+    return image, tf.constant(False), label, context
+
+
+def _decode_records(ds, augmentation: _Augmentation, policy, order, records_are_examples):
+    """Per record: count it as seen, parse, decode (and draw the flip), apply the bad-record policy.
+
+    Args:
+        ds: `(serialized Example, shard path)` when `records_are_examples`, else TFDS's
+            `(encoded image, int64 label, context)`.
+        augmentation: `mode` selects the Inception crop or the eval decode.
+        policy: skip or fail on records whose Example does not parse or image does not decode.
+        order: the per-record seeds and whether parallel decoding keeps the order.
+        records_are_examples: `ds` holds serialized Examples (TFRecord shards), not TFDS elements.
+
+    Returns:
+        A dataset of `(image uint8 (h, w, 3), flip bool, label int64, context string)`, in fail
+        mode followed by an int32 record status (see `_fail_on_bad_records`).
+    """
+    parse = _parse_tfrecord if records_are_examples else _already_parsed
+    if augmentation.mode == "inception_crop":
+        decode = functools.partial(_decode_inception_crop, parse=parse, counter=policy.counter)
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=order.seed)))
+    else:
+        decode = functools.partial(_decode_for_eval, parse=parse, counter=policy.counter,
+                                   central_crop_fraction=augmentation.central_crop_fraction)
+    if policy.mode == "skip":
+        return _skip_bad_records(ds, decode, order)
+    return _fail_on_bad_records(ds, decode, order, records_are_examples)
+
+
+def _skip_bad_records(ds, decode, order):
+    """Skip mode: records whose decode fails are dropped, logged with TF's error and counted.
+
+    They count as `seen - delivered` in the `BadRecordCounter`. `ignore_errors` sits between the
+    decode and the resize so that the resize map stays fused with `batch`.
+    """
+    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=order.is_fixed)
+    return ds.ignore_errors(log_warning=True)
 
 
 # Fail mode decodes each record in a one-element dataset (see `_decode_or_report`); this many
 # run in parallel.
 _FAIL_MODE_CYCLE = 16
 _RECORD_OK, _RECORD_UNPARSEABLE, _RECORD_UNDECODABLE = 0, 1, 2
+
+
+def _fail_on_bad_records(ds, decode, order, records_are_examples):
+    """Fail mode: each record decoded with a status that `_assert_record_ok` later checks."""
+    return ds.interleave(
+        functools.partial(_decode_or_report, decode, records_are_examples),
+        cycle_length=_FAIL_MODE_CYCLE, block_length=1,
+        num_parallel_calls=AUTOTUNE, deterministic=order.is_fixed,
+    )
 
 
 def _decode_or_report(decode, records_are_examples, *args):
@@ -204,6 +437,7 @@ def _decode_or_report(decode, records_are_examples, *args):
 
 
 def _assert_record_ok(status, context):
+    """An assertion that fails, naming the shard `context`, unless `status` is `_RECORD_OK`."""
     return tf.debugging.Assert(
         tf.equal(status, _RECORD_OK),
         [
@@ -220,20 +454,172 @@ def _assert_record_ok(status, context):
     )
 
 
-def _tfds_elements(name, split, training, input_context, tfds_data_dir, shuffle_seed):
-    import tensorflow_datasets as tfds
+# ----------------------------------------------------------------------------- 3. augment and batch
 
-    builder = tfds.builder(name, data_dir=tfds_data_dir)
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
-    read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=shuffle_seed)
-    ds = builder.as_dataset(
-        split=split,
-        shuffle_files=training,
-        decoders={image_key: tfds.decode.SkipDecoding()},
-        read_config=read_config,
+
+def _resize_for_eval(image, flip, *, image_size):
+    del flip  # the eval preprocessing never flips
+    return preprocess.resize(image, image_size)
+
+
+def _flip_and_resize(image, flip, *, image_size):
+    return preprocess.resize(augment_lib.flip_left_right_if(image, flip), image_size)
+
+
+def _flip_and_resize_compiled(image, flip, *, image_size, resize_op):
+    return compiled_ops.resize_bilinear_flip(resize_op, image, image_size, flip)
+
+
+def _resizer(augmentation: _Augmentation):
+    """`fn(uint8 (h, w, 3) image, bool flip) -> float32 (image_size, image_size, 3)` in [0, 255]."""
+    size = augmentation.image_size
+    if augmentation.mode != "inception_crop":
+        return functools.partial(_resize_for_eval, image_size=size)
+    if augmentation.resize_kernel != "tensorflow":
+        required = augmentation.resize_kernel == "compiled"
+        resize_op = compiled_ops.load_resize_op(required=required)
+        if resize_op is not None:
+            return functools.partial(_flip_and_resize_compiled, image_size=size,
+                                     resize_op=resize_op)
+    return functools.partial(_flip_and_resize, image_size=size)
+
+
+def _finish_record(image, flip, label, context, status=None, *, resize, randaug):
+    """Per record: (fail mode) check the status, resize and flip, optional RandAugment.
+
+    Returns:
+        `(image float32 (image_size, image_size, 3) in [0, 255], label int64, context string)`.
+    """
+    checks = []
+    if status is not None:
+        checks.append(_assert_record_ok(status, context))
+    with tf.control_dependencies(checks):
+        image = resize(image, flip)
+    if randaug is not None:
+        image = tf.cast(randaug(image, training=True), tf.float32)
+    return image, label, context
+
+
+def _resize_and_batch(ds, augmentation: _Augmentation, randaug, batch_size, order):
+    """Resize (and flip) each decoded record to float32, then batch.
+
+    The map is directly followed by `batch`, which tf.data fuses with it (map_and_batch_fusion),
+    so the images go straight into the batch (see docs/data.md, 'Benchmark').
+
+    Returns:
+        A dataset of `(images float32 (batch, image_size, image_size, 3), labels int64 (batch,),
+        contexts string (batch,))`; the last batch may be partial.
+    """
+    finish = functools.partial(_finish_record, resize=_resizer(augmentation), randaug=randaug)
+    ds = ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=order.is_fixed)
+    return ds.batch(batch_size)
+
+
+# ----------------------------------------------------------------------------- 4. batch checks
+
+
+def _check_batch_labels(images, labels, contexts, *, batching: _Batching, counter):
+    """Subtracts the label offset, asserts the labels are in range, counts the batch delivered."""
+    labels = labels - batching.label_offset
+    num_classes = batching.num_classes
+    in_range = tf.greater_equal(labels, 0)
+    if num_classes:
+        in_range = tf.logical_and(in_range, tf.less(labels, num_classes))
+    bad = tf.logical_not(in_range)
+    assertion = tf.debugging.Assert(
+        tf.reduce_all(in_range),
+        [f"label outside [0, {num_classes}) (after label_offset={batching.label_offset}) in shard",
+         tf.boolean_mask(contexts, bad), "label:", tf.boolean_mask(labels, bad)],
     )
-    context = f"tfds:{name}/{split}"
-    return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64), context))
+    with tf.control_dependencies([assertion, counter._mark_delivered(tf.size(labels))]):
+        return tf.identity(images), tf.cast(labels, tf.int32)
+
+
+def _check_labels(ds, batching: _Batching, counter, order):
+    """Per batch (one op per batch, not per image): label check and delivered-record count.
+
+    A partial batch is dropped only after this count, so a finite training pass counts it as
+    delivered, not as bad.
+
+    Returns:
+        A dataset of `(images float32 (batch, H, W, 3), labels int32 (batch,))`.
+    """
+    check = functools.partial(_check_batch_labels, batching=batching, counter=counter)
+    return ds.map(check, num_parallel_calls=AUTOTUNE, deterministic=order.is_fixed)
+
+
+def _is_full_batch(images, labels, *, batch_size):
+    del images
+    return tf.equal(tf.shape(labels)[0], batch_size)
+
+
+def _ensure_batch_shape(images, labels, *, batch_size, image_size):
+    return (tf.ensure_shape(images, [batch_size, image_size, image_size, 3]),
+            tf.ensure_shape(labels, [batch_size]))
+
+
+def _fixed_batch_shape(ds, batch_size, image_size):
+    """Drops a partial batch and declares the static batch shape `(batch_size, ...)`."""
+    ds = ds.filter(functools.partial(_is_full_batch, batch_size=batch_size))
+    return ds.map(functools.partial(_ensure_batch_shape, batch_size=batch_size,
+                                    image_size=image_size))
+
+
+def _mix_up(ds, batching: _Batching, seed):
+    """Mixup of whole batches; labels become float32 `(batch, num_classes)` soft labels."""
+    mix = augment_lib.make_mixup(batching.mixup_alpha, batching.num_classes, seed)
+    return ds.map(mix, num_parallel_calls=AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------- 5. options
+
+
+def _with_options_and_prefetch(ds, order: _RecordOrder):
+    options = tf.data.Options()
+    options.deterministic = order.is_fixed
+    return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise UserError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def _repeat_count(repeat) -> int | None:
+    """`build_dataset(repeat=...)` (True/False/None or a count) -> None, -1 (forever) or n."""
+    if repeat is True:
+        return -1
+    return None if repeat in (False, None, 0, 1) else int(repeat)
+
+
+def _record_order(training, deterministic, seed, repeat, shuffle_buffer, cache) -> _RecordOrder:
+    """Resolves the defaults: seed 0 for deterministic runs; repeat forever when training."""
+    return _RecordOrder(
+        training=training,
+        deterministic=deterministic,
+        seed=0 if seed is None and deterministic else seed,
+        repeat_count=_repeat_count(training if repeat is None else repeat),
+        shuffle_buffer=shuffle_buffer,
+        cache=cache,
+    )
+
+
+def _batching(info, batch_size, num_classes, label_offset, training, mixup_alpha) -> _Batching:
+    """Fills `num_classes` and `label_offset` from the dataset info where they are None."""
+    info = info or {}
+    batching = _Batching(
+        batch_size=batch_size,
+        num_classes=info.get("num_classes") if num_classes is None else num_classes,
+        label_offset=info.get("label_offset", 0) if label_offset is None else label_offset,
+        fixed_shape=training,
+        mixup_alpha=mixup_alpha if training else 0.0,
+    )
+    if batching.mixup_alpha > 0 and not batching.num_classes:
+        raise UserError("mixup_alpha > 0 needs num_classes (no dataset_info.json gives it).")
+    return batching
 
 
 def build_dataset(
@@ -264,192 +650,89 @@ def build_dataset(
     """Builds the input pipeline of one split.
 
     Args:
-      source: a TFRecord file pattern, a directory written by `pipelines.convert`, or `tfds:NAME`.
-      split: `"train"`, `"test"`, ... (selects `{split}-*` shards of a directory).
-      image_size: output side in pixels.
-      batch_size: examples per batch. With `input_context` this is the PER-REPLICA batch size:
-        pass `input_context.get_per_replica_batch_size(global_batch_size)`.
-      input_context: from `strategy.distribute_datasets_from_function`; files are sharded
-        `files[input_pipeline_id::num_input_pipelines]` (records when there are fewer files than
-        input pipelines).
-      training: random crop/flip, shuffle, repeat, drop remainder. Default `split == "train"`.
-      num_classes: labels must lie in `[0, num_classes)`; default from dataset_info.json.
-      label_offset: subtracted from stored labels (1 for Model Garden's 1-based ImageNet shards);
-        default from dataset_info.json, else 0.
-      shuffle_buffer: records in the shuffle buffer (training).
-      deterministic: the same batches on every run: seeded shuffles/augmentation (`seed` or 0)
-        and deterministic parallel ops. RandAugment/mixup use Keras seeds and are not covered.
-      cache: cache the serialized records in memory (small datasets); augmentation stays random.
-      repeat: True/False or a count; default: forever when training, once otherwise.
-      augment: training preprocessing: `"inception_crop"` (random-resized crop, flip, resize) or
-        `"none"` (`preprocess_for_eval`: decode, optional central crop, resize) with the
-        training order, shuffle, repeat and fixed batch size. Ignored when not training.
-      randaugment: `"num_layers,magnitude"` such as `"2,15"`, or None.
-      mixup_alpha: > 0 mixes batches (training only); labels become float32 `(batch, num_classes)`.
-      central_crop_fraction: see `preprocess_for_eval`; eval and `augment="none"`.
-      on_bad_record: `"skip"` counts (see `BadRecordCounter`), logs and skips corrupt records and
-        undecodable images; `"fail"` raises naming the shard. Out-of-range labels always raise.
-      tfds_data_dir: for `tfds:NAME`.
-      seed: base seed of shuffles and augmentation.
-      bad_record_counter: a counter to update; a new one is made otherwise. Either way it is
-        available as `dataset.bad_records`.
-      check_shards: walk each shard's record framing when building, to find truncated files.
-      resize_kernel: how the Inception crop becomes an `image_size` float32 image, flipped or not:
-        `"compiled"`: `compiled_ops.resize_bilinear_flip` (built on first use; an error if it
-        cannot be); `"tensorflow"`: TensorFlow's Cast, Reverse and ResizeBilinear; `"auto"`: the
-        compiled op where it builds, else TensorFlow's ops with a warning. The pixels agree to
-        ~3e-5. Evaluation and `augment="none"` always use TensorFlow's ops.
+        source: a TFRecord file pattern, a directory written by `pipelines.convert`, or `tfds:NAME`.
+        split: `"train"`, `"test"`, ... (selects `{split}-*` shards of a directory).
+        image_size: output side in pixels.
+        batch_size: examples per batch. With `input_context` this is the PER-REPLICA batch size:
+            pass `input_context.get_per_replica_batch_size(global_batch_size)`.
+        input_context: from `strategy.distribute_datasets_from_function`; files are sharded
+            `files[input_pipeline_id::num_input_pipelines]` (records when there are fewer files
+            than input pipelines).
+        training: random crop/flip, shuffle, repeat, drop remainder. Default `split == "train"`.
+        num_classes: labels must lie in `[0, num_classes)`; default from dataset_info.json.
+        label_offset: subtracted from stored labels (1 for Model Garden's 1-based ImageNet
+            shards); default from dataset_info.json, else 0.
+        shuffle_buffer: records in the shuffle buffer (training).
+        deterministic: the same batches on every run: seeded shuffles/augmentation (`seed` or 0)
+            and deterministic parallel ops. RandAugment/mixup use Keras seeds and are not covered.
+        cache: cache the serialized records in memory (small datasets); augmentation stays random.
+        repeat: True/False or a count; default: forever when training, once otherwise.
+        augment: training preprocessing: `"inception_crop"` (random-resized crop, flip, resize)
+            or `"none"` (`preprocess_for_eval`: decode, optional central crop, resize) with the
+            training order, shuffle, repeat and fixed batch size. Ignored when not training.
+        randaugment: `"num_layers,magnitude"` such as `"2,15"`, or None.
+        mixup_alpha: > 0 mixes batches (training only); labels become float32
+            `(batch, num_classes)`.
+        central_crop_fraction: see `preprocess_for_eval`; eval and `augment="none"`.
+        on_bad_record: `"skip"` counts (see `BadRecordCounter`), logs and skips corrupt records
+            and undecodable images; `"fail"` raises naming the shard. Out-of-range labels always
+            raise.
+        tfds_data_dir: for `tfds:NAME`.
+        seed: base seed of shuffles and augmentation.
+        bad_record_counter: a `BadRecordCounter` the pipeline updates; keep it and read its
+            `count` and `shard_errors` to know what was skipped. Without one, skipped records
+            are still logged (and counted internally) but not reported.
+        check_shards: walk each shard's record framing when building, to find truncated files.
+        resize_kernel: how the Inception crop becomes an `image_size` float32 image, flipped or
+            not: `"compiled"`: `compiled_ops.resize_bilinear_flip` (built on first use; an error
+            if it cannot be); `"tensorflow"`: TensorFlow's Cast, Reverse and ResizeBilinear;
+            `"auto"`: the compiled op where it builds, else TensorFlow's ops with a warning. The
+            pixels agree to ~3e-5. Evaluation and `augment="none"` always use TensorFlow's ops.
 
     Returns:
-      A dataset of `(images float32 (batch, image_size, image_size, 3) in [0, 255],
-      labels int32 (batch,))`, or float32 `(batch, num_classes)` soft labels with mixup.
-      Training batches have a fixed batch dimension.
+        A dataset of `(images float32 (batch, image_size, image_size, 3) in [0, 255],
+        labels int32 (batch,))`, or float32 `(batch, num_classes)` soft labels with mixup.
+        Training batches have a fixed batch dimension.
+
+    Raises:
+        UserError: an unknown `on_bad_record`, `augment` or `resize_kernel`, a malformed
+            `randaugment`, a `central_crop_fraction` outside (0, 1]; mixup without `num_classes`.
+        MissingFileError: no shards of `split` at a TFRecord `source`.
+        CorruptShardError: a broken shard with `on_bad_record="fail"`.
+        CompiledOpError: `resize_kernel="compiled"` and the op cannot be built or loaded.
     """
-    if on_bad_record not in _BAD_RECORD_MODES:
-        raise ValueError(f"on_bad_record must be one of {_BAD_RECORD_MODES}, got {on_bad_record!r}.")
-    if augment not in AUGMENT_MODES:
-        raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {augment!r}.")
-    if resize_kernel not in compiled_ops.RESIZE_KERNELS:
-        raise ValueError(
-            f"resize_kernel must be one of {compiled_ops.RESIZE_KERNELS}, got {resize_kernel!r}.")
+    _check_choice("on_bad_record", on_bad_record, _BAD_RECORD_MODES)
+    _check_choice("augment", augment, AUGMENT_MODES)
+    _check_choice("resize_kernel", resize_kernel, compiled_ops.RESIZE_KERNELS)
     source = os.fspath(source)
     training = split == "train" if training is None else training
-    augment_mode = augment if training else "none"
-    repeat = training if repeat is None else repeat
-    repeat_count = -1 if repeat is True else (None if repeat in (False, None, 0, 1) else int(repeat))
-    if seed is None and deterministic:
-        seed = 0
-    counter = bad_record_counter or BadRecordCounter()
-    mixup_alpha = mixup_alpha if training else 0.0
-
-    if source.startswith(info_lib.TFDS_PREFIX):
-        name = source[len(info_lib.TFDS_PREFIX):]
-        info = info_lib.load_dataset_info(source, tfds_data_dir)
-        elements = _tfds_elements(name, split, training, input_context, tfds_data_dir, seed)
-        parse = lambda image_bytes, label, context: (image_bytes, label, context)  # noqa: E731
-        record_shard = None
+    order = _record_order(training, deterministic, seed, repeat, shuffle_buffer, cache)
+    policy = _BadRecordPolicy(
+        on_bad_record, BadRecordCounter() if bad_record_counter is None else bad_record_counter,
+        check_shards)
+    from_tfds = source.startswith(info_lib.TFDS_PREFIX)
+    # A cache holds one pass of records, so cached records are repeated after it, not the files.
+    repeat_files = not (from_tfds or cache)
+    if from_tfds:
+        elements, info = _tfds_source(source, split, input_context, order, tfds_data_dir)
     else:
-        all_files, info = info_lib.resolve_shards(source, split)
-        files = shard_files(all_files, input_context)
-        record_shard = None
-        if input_context is not None and input_context.num_input_pipelines > len(all_files):
-            logging.warning(
-                "%d shards for %d input pipelines: every pipeline reads all files and keeps every "
-                "%d-th record. Convert with --num_shards >= %d to shard by file.",
-                len(all_files), input_context.num_input_pipelines,
-                input_context.num_input_pipelines, input_context.num_input_pipelines)
-            files, record_shard = list(all_files), input_context
-        counts = info_lib.expected_counts(files, info, split)
-        limits = (
-            _check_shards(files, counts, on_bad_record, counter) if check_shards else [-1] * len(files)
-        )
-        file_repeat = repeat_count if not cache else None
-        elements = _tfrecord_elements(files, limits, training, deterministic, seed, file_repeat)
-        repeat_count = None if file_repeat is not None else repeat_count
-        parse = _parse_tfrecord
-    if record_shard is not None:
-        elements = elements.shard(record_shard.num_input_pipelines, record_shard.input_pipeline_id)
+        elements, info = _tfrecord_source(source, split, input_context, order, policy, repeat_files)
+    batching = _batching(info, batch_size, num_classes, label_offset, training, mixup_alpha)
+    augmentation = _Augmentation(
+        mode=augment if training else "none",
+        image_size=image_size,
+        central_crop_fraction=central_crop_fraction,
+        resize_kernel=resize_kernel,
+        randaugment=randaugment if training else None,
+    )
+    randaug = augment_lib.make_randaugment(augmentation.randaugment, order.seed)
 
-    info = info or {}
-    if num_classes is None:
-        num_classes = info.get("num_classes")
-    if label_offset is None:
-        label_offset = info.get("label_offset", 0)
-    if mixup_alpha > 0 and not num_classes:
-        raise ValueError("mixup_alpha > 0 needs num_classes (no dataset_info.json gives it).")
-
-    randaug = augment_lib.make_randaugment(randaugment, seed) if training else None
-    order_is_fixed = bool(deterministic or not training)
-    ds = elements
-    if cache:
-        ds = ds.cache()
-    if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = _repeat(ds, repeat_count)  # when not repeated by file above
-
-    # Stage 1, per record: count it as seen, parse, decode (training: only the Inception crop
-    # window of a JPEG, and draw the flip). uint8, variable size.
-    def decode(element, seed=None):
-        with tf.control_dependencies([counter._mark_seen()]):
-            image_bytes, label, context = parse(*element)
-        if augment_mode == "inception_crop":
-            crop_seed, flip_seed = tf.unstack(
-                tf.random.experimental.stateless_split(tf.stack([seed, tf.constant(0, tf.int64)]), 2))
-            image = augment_lib.decode_and_random_crop(image_bytes, crop_seed, context)
-            flip = augment_lib.random_flip_decision(flip_seed)
-        else:
-            image = preprocess.decode_for_eval(image_bytes, central_crop_fraction, context=context)
-            flip = tf.constant(False)
-        return image, flip, label, context
-
-    if augment_mode == "inception_crop":
-        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed)))
-    else:
-        decode = functools.partial(_call_with_tuple, decode)
-    if on_bad_record == "skip":
-        ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=order_is_fixed)
-        # Skipped records are logged with TF's error and counted (seen - delivered).
-        ds = ds.ignore_errors(log_warning=True)
-    else:
-        ds = ds.interleave(
-            functools.partial(_decode_or_report, decode, parse is _parse_tfrecord),
-            cycle_length=_FAIL_MODE_CYCLE, block_length=1,
-            num_parallel_calls=AUTOTUNE, deterministic=order_is_fixed,
-        )
-
-    resize_op = None
-    if augment_mode == "inception_crop" and resize_kernel != "tensorflow":
-        resize_op = compiled_ops.load_resize_op(required=resize_kernel == "compiled")
-
-    def resize(image, flip):
-        if augment_mode != "inception_crop":
-            return preprocess.resize(image, image_size)
-        if resize_op is not None:
-            return compiled_ops.resize_bilinear_flip(resize_op, image, image_size, flip)
-        return preprocess.resize(augment_lib.flip_left_right_if(image, flip), image_size)
-
-    # Stage 2, per record: resize (and flip) to float32. Directly followed by `batch`, which
-    # tf.data fuses with this map (map_and_batch_fusion): the images go straight into the batch.
-    # (Measured: with `ignore_errors` between the map and the batch, training ran ~10% slower.)
-    def finish(image, flip, label, context, status=None):
-        checks = []
-        if status is not None:
-            checks.append(_assert_record_ok(status, context))
-        with tf.control_dependencies(checks):
-            image = resize(image, flip)
-        if randaug is not None:
-            image = tf.cast(randaug(image, training=True), tf.float32)
-        return image, label, context
-
-    # Labels are checked and delivered records counted per batch: one op per batch, not per image.
-    # The remainder is dropped after counting, so a finite training pass counts it as delivered.
-    def check_labels(images, labels, contexts):
-        labels = labels - label_offset
-        in_range = tf.greater_equal(labels, 0)
-        if num_classes:
-            in_range = tf.logical_and(in_range, tf.less(labels, num_classes))
-        bad = tf.logical_not(in_range)
-        assertion = tf.debugging.Assert(
-            tf.reduce_all(in_range),
-            [f"label outside [0, {num_classes}) (after label_offset={label_offset}) in shard",
-             tf.boolean_mask(contexts, bad), "label:", tf.boolean_mask(labels, bad)],
-        )
-        with tf.control_dependencies([assertion, counter._mark_delivered(tf.size(labels))]):
-            return tf.identity(images), tf.cast(labels, tf.int32)
-
-    ds = ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=order_is_fixed)
-    ds = ds.batch(batch_size)
-    ds = ds.map(check_labels, num_parallel_calls=AUTOTUNE, deterministic=order_is_fixed)
-    if training:
-        ds = ds.filter(lambda images, labels: tf.equal(tf.shape(labels)[0], batch_size))
-        ds = ds.map(lambda images, labels: (
-            tf.ensure_shape(images, [batch_size, image_size, image_size, 3]),
-            tf.ensure_shape(labels, [batch_size])))
-    if mixup_alpha > 0:
-        ds = ds.map(augment_lib.make_mixup(mixup_alpha, num_classes, seed), num_parallel_calls=AUTOTUNE)
-
-    options = tf.data.Options()
-    options.deterministic = order_is_fixed
-    ds = ds.with_options(options).prefetch(AUTOTUNE)
-    ds.bad_records = counter
-    return ds
+    ds = _shuffle_and_repeat(elements, order, None if repeat_files else order.repeat_count)
+    ds = _decode_records(ds, augmentation, policy, order, records_are_examples=not from_tfds)
+    ds = _resize_and_batch(ds, augmentation, randaug, batch_size, order)
+    ds = _check_labels(ds, batching, policy.counter, order)
+    if batching.fixed_shape:
+        ds = _fixed_batch_shape(ds, batch_size, image_size)
+    if batching.mixup_alpha > 0:
+        ds = _mix_up(ds, batching, order.seed)
+    return _with_options_and_prefetch(ds, order)

@@ -15,6 +15,8 @@ import os
 
 import tensorflow as tf
 
+from pipelines.errors import MissingFileError, UserError
+
 INFO_FILENAME = "dataset_info.json"
 TFDS_PREFIX = "tfds:"
 
@@ -24,7 +26,8 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-def _info_path(path_or_source: str) -> str | None:
+def _info_path(path_or_source: str) -> str:
+    """Where the dataset_info.json of a json path, a directory or a file pattern would be."""
     if path_or_source.endswith(".json"):
         return path_or_source
     if tf.io.gfile.isdir(path_or_source):
@@ -34,6 +37,7 @@ def _info_path(path_or_source: str) -> str | None:
 
 
 def _tfds_info(name: str, tfds_data_dir: str | None) -> dict:
+    """The dataset info of a prepared TFDS dataset, from its builder's metadata."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=tfds_data_dir)
@@ -53,38 +57,59 @@ def _tfds_info(name: str, tfds_data_dir: str | None) -> dict:
 def load_dataset_info(path_or_source: str, tfds_data_dir: str | None = None) -> dict | None:
     """Reads the dataset info of a converted directory, a shard pattern, a json file or `tfds:NAME`.
 
-    Returns None when there is none (e.g. shards written by other tools without a json).
+    Args:
+        path_or_source: a directory written by `pipelines.convert`, a TFRecord file pattern (the
+            json is looked for beside the shards), a dataset_info.json path or `tfds:NAME`.
+        tfds_data_dir: for `tfds:NAME`.
+
+    Returns:
+        The info dict (layout in the module docstring), or None when there is none (e.g. shards
+        written by other tools without a json).
+
+    Raises:
+        UserError: the json file is not valid JSON.
     """
     path_or_source = os.fspath(path_or_source)
     if path_or_source.startswith(TFDS_PREFIX):
         return _tfds_info(path_or_source[len(TFDS_PREFIX):], tfds_data_dir)
     path = _info_path(path_or_source)
-    if path is None or not tf.io.gfile.exists(path):
+    if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path, "r") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(
+            raise UserError(
                 f"{path} is not valid JSON ({e}); delete it and re-run tools/convert_data.py."
             ) from e
 
 
 def write_dataset_info(output_dir: str, split: str, split_info: dict, common: dict) -> dict:
-    """Merges one split into `output_dir/dataset_info.json` (atomically) and returns the result.
+    """Merges one split into `output_dir/dataset_info.json` (atomically).
 
-    Raises ValueError when the split's class names disagree with those already recorded.
+    Args:
+        output_dir: the converted directory.
+        split: the split's name.
+        split_info: the split's entry: `num_examples`, `source`, `shards`.
+        common: the entries shared by all splits: `source`, `class_names`, `num_classes`,
+            `label_offset`.
+
+    Returns:
+        The merged info that was written.
+
+    Raises:
+        UserError: the split's class names or label offset disagree with those already recorded.
     """
     path = os.path.join(output_dir, INFO_FILENAME)
     info = load_dataset_info(path) or {}
     if info.get("class_names") not in (None, common["class_names"]):
-        raise ValueError(
+        raise UserError(
             f"{path} already lists class names {info['class_names'][:5]}... for splits "
             f"{sorted(info.get('splits', {}))}, but the '{split}' split has "
             f"{common['class_names'][:5]}...; write each dataset into its own --output_dir."
         )
     if info.get("label_offset", common["label_offset"]) != common["label_offset"]:
-        raise ValueError(
+        raise UserError(
             f"{path} has label_offset={info['label_offset']} but this split uses "
             f"{common['label_offset']}; use one label offset per directory."
         )
@@ -101,7 +126,16 @@ def write_dataset_info(output_dir: str, split: str, split_info: dict, common: di
 def resolve_shards(source: str, split: str) -> tuple[list[str], dict | None]:
     """The shard files of `split` in a directory or file pattern, and the info if there is one.
 
-    Returns `(sorted list of paths, info or None)`. Raises FileNotFoundError naming the source.
+    Args:
+        source: a directory written by `pipelines.convert` (its json's shard list, else its
+            `{split}-*` files) or a TFRecord file pattern.
+        split: the split's name.
+
+    Returns:
+        `(sorted list of shard paths, info or None)`.
+
+    Raises:
+        MissingFileError: no shards match, or shards the json lists are missing; names the source.
     """
     source = os.fspath(source)
     info = load_dataset_info(source)
@@ -110,7 +144,7 @@ def resolve_shards(source: str, split: str) -> tuple[list[str], dict | None]:
             files = [os.path.join(source, s["file"]) for s in info["splits"][split]["shards"]]
             missing = [f for f in files if not tf.io.gfile.exists(f)]
             if missing:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{source}/{INFO_FILENAME} lists {len(files)} '{split}' shards but "
                     f"{len(missing)} are missing, e.g. {missing[0]}; re-run tools/convert_data.py."
                 )
@@ -121,7 +155,7 @@ def resolve_shards(source: str, split: str) -> tuple[list[str], dict | None]:
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
         known = sorted(info["splits"]) if info else []
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No TFRecord shards for split '{split}' found at {pattern!r}"
             + (f" (dataset_info.json lists splits {known})" if info else "")
             + ". Expected a directory written by tools/convert_data.py, a file pattern, or tfds:NAME."
@@ -130,7 +164,12 @@ def resolve_shards(source: str, split: str) -> tuple[list[str], dict | None]:
 
 
 def expected_counts(files: list[str], info: dict | None, split: str) -> dict[str, int]:
-    """Per-shard example counts recorded in `info` (basename -> count); empty if unknown."""
+    """Per-shard example counts recorded in `info`, matched by file name.
+
+    Returns:
+        `{path in files: count}` for the files whose basename `info`'s `split` lists; empty when
+        `info` does not list the split.
+    """
     if not info or split not in info.get("splits", {}):
         return {}
     recorded = {s["file"]: s["num_examples"] for s in info["splits"][split].get("shards", [])}
@@ -140,10 +179,17 @@ def expected_counts(files: list[str], info: dict | None, split: str) -> dict[str
 def describe_source(
     source: str, split: str, tfds_data_dir: str | None = None
 ) -> tuple[list[str] | None, int | None]:
-    """`(class_names or None, number of examples in split or None)` of a source.
+    """The class names and the number of examples of a split, where the dataset info has them.
 
-    For a file pattern the count is the sum over the matched shards recorded in dataset_info.json,
-    None when any matched shard is not recorded there.
+    Args:
+        source: a converted directory, a TFRecord file pattern, a json file or `tfds:NAME`.
+        split: the split's name.
+        tfds_data_dir: for `tfds:NAME`.
+
+    Returns:
+        `(class_names or None, number of examples in split or None)`. For a file pattern the
+        count is the sum over the matched shards recorded in dataset_info.json, None when any
+        matched shard is not recorded there.
     """
     source = os.fspath(source)
     info = load_dataset_info(source, tfds_data_dir)

@@ -63,16 +63,16 @@ def encode_example(
     """Serializes one image as a `tf.train.Example`.
 
     Args:
-      image_bytes: the encoded image (JPEG or PNG bytes), stored unchanged.
-      image_format: `"jpeg"` or `"png"`.
-      label: the class index as stored (already including any label offset).
-      height, width: image size in pixels.
-      class_text: optional class name.
-      filename: optional origin of the image (relative path, archive member...).
+        image_bytes: the encoded image (JPEG or PNG bytes), stored unchanged.
+        image_format: `"jpeg"` or `"png"`.
+        label: the class index as stored (already including any label offset).
+        height, width: image size in pixels.
+        class_text: optional class name.
+        filename: optional origin of the image (relative path, archive member...).
 
     Returns:
-      The serialized proto. Serialization is deterministic (map keys sorted), so the same
-      input always gives the same bytes.
+        The serialized proto. Serialization is deterministic (map keys sorted), so the same
+        input always gives the same bytes.
     """
     feature = {
         IMAGE_ENCODED: _bytes(image_bytes),

@@ -50,5 +50,13 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_loads(data: bytes, *, source: str):
-    """Unpickles `data` with `RestrictedUnpickler` (dict keys stay bytes, as in the CIFAR files)."""
+    """Unpickles `data` with `RestrictedUnpickler` (dict keys stay bytes, as in the CIFAR files).
+
+    Args:
+        data: the pickle.
+        source: the file's name, for error messages.
+
+    Raises:
+        ForbiddenGlobalError: the pickle references a callable outside the allowed list.
+    """
     return RestrictedUnpickler(io.BytesIO(data), source=source).load()

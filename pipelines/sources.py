@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines import preprocess, safe_pickle
+from pipelines.errors import MissingFileError, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 DIGITS_TRAIN_FRACTION = 0.8
@@ -39,8 +40,12 @@ DIGITS_SIZE = 32
 SPLITS = ("train", "test")
 
 
-class CorruptSourceError(ValueError):
+class CorruptSourceError(UserError):
     """An input file is truncated, corrupt or not in the expected format."""
+
+
+class UnsafePickleError(CorruptSourceError, safe_pickle.ForbiddenGlobalError):
+    """A CIFAR python file references code beyond numpy's arrays (possibly malicious)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,18 +116,29 @@ def digits_source(split: str) -> ImageSource:
 def _load_class_index(path: str) -> tuple[dict[str, int], list[str]]:
     """Reads a class index JSON: Keras' `{"0": ["n01440764", "tench"], ...}` or a list of names.
 
-    Returns `(folder name -> index, class names)`.
+    Returns:
+        `(folder name -> class index, class names)`.
+
+    Raises:
+        MissingFileError: `path` does not exist.
+        UserError: the file is not JSON, the JSON has neither layout, or its indices are not
+            0..n-1.
     """
-    with open(path) as f:
-        data = json.load(f)
+    if not os.path.isfile(path):
+        raise MissingFileError(f"Class index file {path} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path} is not a JSON class index ({error}).") from None
     if isinstance(data, list):
         return {name: i for i, name in enumerate(data)}, list(data)
     if isinstance(data, dict) and all(isinstance(v, list) and len(v) == 2 for v in data.values()):
         items = sorted(((int(k), v) for k, v in data.items()))
         if [k for k, _ in items] != list(range(len(items))):
-            raise ValueError(f"{path}: class indices must be 0..{len(items) - 1}.")
+            raise UserError(f"{path}: class indices must be 0..{len(items) - 1}.")
         return {synset: k for k, (synset, _) in items}, [name for _, (_, name) in items]
-    raise ValueError(
+    raise UserError(
         f"{path}: expected a list of class names or Keras' imagenet_class_index.json layout "
         '{"0": ["n01440764", "tench"], ...}.'
     )
@@ -149,24 +165,24 @@ def _folder_record(path: str, relname: str, label: int) -> Record:
 def folder_source(root: str, split: str, class_index: str | None = None) -> ImageSource:
     """Image-folder tree: `root/<class>/**/<image>`; see the module docstring."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"folder:{root} is not a directory.")
+        raise MissingFileError(f"folder:{root} is not a directory.")
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     stray = sorted(
         e.name for e in os.scandir(root)
         if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
     )
     if stray:
-        raise ValueError(
+        raise UserError(
             f"folder:{root} has {len(stray)} images directly in it (e.g. {stray[0]}); expected "
             "one sub-folder per class holding that class's images."
         )
     if not folders:
-        raise ValueError(f"folder:{root} has no class sub-folders.")
+        raise UserError(f"folder:{root} has no class sub-folders.")
     if class_index:
         mapping, class_names = _load_class_index(class_index)
         unknown = [c for c in folders if c not in mapping]
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"folder:{root}: class folders {unknown[:5]} are not in the class index "
                 f"{class_index} (which has e.g. {list(mapping)[:3]})."
             )
@@ -225,7 +241,7 @@ class _Files:
                     f"{path}: truncated or corrupt archive ({e}). Download it again."
                 ) from e
         else:
-            raise FileNotFoundError(f"{path} does not exist.")
+            raise MissingFileError(f"{path} does not exist.")
 
     def _extract(self, member) -> bytes:
         try:
@@ -265,11 +281,17 @@ _CIFAR_PIXELS = 32 * 32 * 3
 
 
 def _unpickle(files: _Files, name: str) -> dict:
+    """Unpickles the CIFAR python file `name` of `files` with the restricted unpickler.
+
+    Raises:
+        UnsafePickleError: the pickle references code (also a `safe_pickle.ForbiddenGlobalError`).
+        CorruptSourceError: the file is truncated or corrupt, or holds no dict.
+    """
     where = files.where(name)
     try:
         value = safe_pickle.restricted_loads(files.read(name), source=where)
-    except safe_pickle.ForbiddenGlobalError:
-        raise
+    except safe_pickle.ForbiddenGlobalError as e:
+        raise UnsafePickleError(str(e)) from e
     except CorruptSourceError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of a truncated pickle
@@ -338,7 +360,7 @@ def cifar_source(kind: str, path: str, split: str) -> ImageSource:
     elif files.has(layout[5]):
         images, labels, class_names, filenames = _cifar_binary(files, kind, split)
     else:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{kind}:{path}: found neither '{layout[1]}' (python format) nor '{layout[5]}' (binary "
             f"format). Expected cifar-{kind[5:]}-python.tar.gz, cifar-{kind[5:]}-binary.tar.gz or "
             "their extracted folder."
@@ -364,7 +386,7 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> ImageSource:
     builder = tfds.builder(name, data_dir=data_dir)
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     if split not in builder.info.splits:
-        raise ValueError(f"tfds:{name} has splits {sorted(builder.info.splits)}, not '{split}'.")
+        raise UserError(f"tfds:{name} has splits {sorted(builder.info.splits)}, not '{split}'.")
     num_examples = int(builder.info.splits[split].num_examples)
     class_names = list(builder.info.features[label_key].names)
 
@@ -389,12 +411,28 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> ImageSource:
 def open_source(
     source: str, split: str, *, tfds_data_dir: str | None = None, class_index: str | None = None
 ) -> ImageSource:
-    """Parses `KIND:PATH` and opens it; errors list the kinds when the prefix is unknown."""
+    """Parses `KIND:PATH` and opens it.
+
+    Args:
+        source: `folder:PATH`, `cifar10:PATH`, `cifar100:PATH`, `tfds:NAME` or `digits:`.
+        split: `"train"` or `"test"` (any split of a TFDS dataset).
+        tfds_data_dir: where prepared TFDS datasets live.
+        class_index: for `folder:`, see `folder_source`.
+
+    Returns:
+        The `ImageSource`.
+
+    Raises:
+        UserError: an unknown kind (the message lists the kinds) or split, or a source that is
+            not laid out as its kind expects.
+        MissingFileError: PATH, or a file its kind needs, does not exist.
+        CorruptSourceError: a file is truncated or corrupt (also raised later, while reading).
+    """
     kind, sep, path = source.partition(":")
     if not sep:
-        raise ValueError(f"--source must be KIND:PATH, got {source!r}.")
+        raise UserError(f"--source must be KIND:PATH, got {source!r}.")
     if split not in SPLITS and kind != "tfds":
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        raise UserError(f"split must be one of {SPLITS}, got {split!r}.")
     if kind == "digits":
         return digits_source(split)
     if kind == "folder":
@@ -403,7 +441,7 @@ def open_source(
         return cifar_source(kind, path, split)
     if kind == "tfds":
         return tfds_source(path, split, tfds_data_dir)
-    raise ValueError(
+    raise UserError(
         f"Unknown source kind {kind!r} in {source!r}; expected folder:PATH, cifar10:PATH, "
         "cifar100:PATH, tfds:NAME or digits:."
     )

@@ -9,6 +9,7 @@ removed and no dataset_info.json is written.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import glob
 import math
 import os
@@ -20,12 +21,82 @@ from absl import logging
 
 from pipelines import info as info_lib
 from pipelines import records, sources
+from pipelines.errors import UserError
 
 #: Default shard size: ImageNet's 1.28M training images give Model Garden's 1024 shards.
 EXAMPLES_PER_SHARD = 1250
 
 
-def _write_shard(source, path, start, stop, label_offset, progress):
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """One output shard: examples `[start, stop)` of the source, written to `path`."""
+
+    name: str
+    path: str
+    start: int
+    stop: int
+
+
+def _plan_shards(output_dir, split, num_examples, num_shards) -> list[_Shard]:
+    """Shard `k` of `n` gets examples `[k*N//n, (k+1)*N//n)`; `n` defaults to `ceil(N / 1250)`.
+
+    Args:
+        output_dir: where the shards go.
+        split: the shard name prefix.
+        num_examples: N, the source's number of examples (> 0).
+        num_shards: n, or None for the default; more shards than examples become one per example.
+
+    Returns:
+        The shards in order.
+    """
+    n = num_examples
+    num_shards = num_shards or math.ceil(n / EXAMPLES_PER_SHARD)
+    if num_shards > n:
+        logging.warning("Only %d examples: writing %d shards instead of %d.", n, n, num_shards)
+        num_shards = n
+    names = [info_lib.shard_name(split, k, num_shards) for k in range(num_shards)]
+    return [
+        _Shard(name, os.path.join(output_dir, name), k * n // num_shards, (k + 1) * n // num_shards)
+        for k, name in enumerate(names)
+    ]
+
+
+class _Progress:
+    """Images written so far, counted from the writer threads; a progress bar when verbose."""
+
+    def __init__(self, total: int, verbose: bool):
+        self._lock = threading.Lock()
+        self._done = 0
+        self._bar = None
+        if verbose:
+            import keras
+
+            self._bar = keras.utils.Progbar(total, unit_name="image", stateful_metrics=["images/s"])
+        self._start_time = time.time()
+
+    def add(self, num_images: int) -> None:
+        with self._lock:
+            self._done += num_images
+
+    def show(self) -> None:
+        if self._bar is not None:
+            self._bar.update(self._done, values=[("images/s", self._done / self.elapsed())])
+
+    def elapsed(self) -> float:
+        """Seconds since the start, at least 1 us."""
+        return max(time.time() - self._start_time, 1e-6)
+
+
+def _write_shard(source, shard: _Shard, label_offset, progress: _Progress) -> int:
+    """Writes one shard to a temporary name and renames it when complete.
+
+    Returns:
+        The number of examples written.
+
+    Raises:
+        RuntimeError: the source yielded another number of examples than `stop - start`.
+    """
+    path, start, stop = shard.path, shard.start, shard.stop
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     count = 0
     try:
@@ -43,7 +114,7 @@ def _write_shard(source, path, start, stop, label_offset, progress):
                     )
                 )
                 count += 1
-                progress(1)
+                progress.add(1)
         if count != stop - start:
             raise RuntimeError(f"{path}: expected {stop - start} examples, read {count}.")
         os.replace(tmp, path)
@@ -51,6 +122,70 @@ def _write_shard(source, path, start, stop, label_offset, progress):
         if os.path.exists(tmp):
             os.remove(tmp)
     return count
+
+
+def _wait_showing_progress(futures, progress: _Progress) -> None:
+    """Waits for all shard writers, updating the progress bar every second.
+
+    Raises:
+        The first error of any shard writer, as soon as it happens.
+    """
+    pending = set(futures)
+    while pending:
+        finished, pending = concurrent.futures.wait(
+            pending, timeout=1.0, return_when=concurrent.futures.FIRST_EXCEPTION
+        )
+        for future in finished:
+            future.result()  # re-raises a shard's error
+        progress.show()
+
+
+def _remove_this_runs_shards(futures, shards: list[_Shard]) -> None:
+    """After a failure: stops the writers that have not started and removes every shard."""
+    for future in futures:
+        future.cancel()
+    concurrent.futures.wait(futures)
+    for shard in shards:
+        if os.path.exists(shard.path):
+            os.remove(shard.path)
+
+
+def _write_shards(source, shards, label_offset, num_workers, progress: _Progress) -> None:
+    """Writes the shards in `num_workers` threads; if any fails, removes them all and re-raises."""
+    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+        futures = [
+            pool.submit(_write_shard, source, shard, label_offset, progress) for shard in shards
+        ]
+        try:
+            _wait_showing_progress(futures, progress)
+        except BaseException:
+            _remove_this_runs_shards(futures, shards)
+            raise
+
+
+def _remove_stale_shards(output_dir, split, shards: list[_Shard]) -> None:
+    """Removes shards of `split` from an earlier conversion with another number of shards."""
+    names = {shard.name for shard in shards}
+    for stale in sorted(glob.glob(os.path.join(output_dir, f"{split}-*-of-*.tfrecord"))):
+        if os.path.basename(stale) not in names:
+            logging.warning("Removing stale shard %s from an earlier conversion.", stale)
+            os.remove(stale)
+
+
+def _write_info(output_dir, split, source, shards, label_offset) -> dict:
+    """Merges this split's shards and the source's classes into `output_dir/dataset_info.json`."""
+    split_info = {
+        "num_examples": source.num_examples,
+        "source": source.source,
+        "shards": [{"file": s.name, "num_examples": s.stop - s.start} for s in shards],
+    }
+    common = {
+        "source": source.source,
+        "class_names": source.class_names,
+        "num_classes": len(source.class_names),
+        "label_offset": label_offset,
+    }
+    return info_lib.write_dataset_info(output_dir, split, split_info, common)
 
 
 def convert(
@@ -71,92 +206,41 @@ def convert(
     `output_dir/dataset_info.json`.
 
     Args:
-      source: `KIND:PATH`, see `pipelines.sources`.
-      output_dir: created if needed; may already hold other splits.
-      split: `"train"` or `"test"` (any split name for tfds).
-      num_shards: default `ceil(num_examples / 1250)`.
-      num_workers: threads writing shards in parallel; default `min(num_shards, cpu count)`.
-      tfds_data_dir: where prepared TFDS datasets live.
-      label_offset: added to the 0-based class index in every record (1 gives Model Garden's
-        1-based ImageNet labels); recorded in dataset_info.json.
-      class_index: for `folder:`, a JSON mapping folder names to class indices (Keras'
-        `imagenet_class_index.json` or a list of names); default: sorted folder names.
-      verbose: show a progress bar.
+        source: `KIND:PATH`, see `pipelines.sources`.
+        output_dir: created if needed; may already hold other splits.
+        split: `"train"` or `"test"` (any split name for tfds).
+        num_shards: default `ceil(num_examples / 1250)`.
+        num_workers: threads writing shards in parallel; default `min(num_shards, cpu count)`.
+        tfds_data_dir: where prepared TFDS datasets live.
+        label_offset: added to the 0-based class index in every record (1 gives Model Garden's
+            1-based ImageNet labels); recorded in dataset_info.json.
+        class_index: for `folder:`, a JSON mapping folder names to class indices (Keras'
+            `imagenet_class_index.json` or a list of names); default: sorted folder names.
+        verbose: show a progress bar.
 
     Returns:
-      The merged dataset_info dict that was written.
+        The merged dataset_info dict that was written.
+
+    Raises:
+        UserError: the split has no examples, or `output_dir` holds another dataset (see
+            `sources.open_source` for the errors of the source itself).
     """
     src = sources.open_source(source, split, tfds_data_dir=tfds_data_dir, class_index=class_index)
     n = src.num_examples
     if n == 0:
-        raise ValueError(f"{source}: the '{split}' split has no examples.")
-    num_shards = num_shards or math.ceil(n / EXAMPLES_PER_SHARD)
-    if num_shards > n:
-        logging.warning("Only %d examples: writing %d shards instead of %d.", n, n, num_shards)
-        num_shards = n
-    num_workers = num_workers or min(num_shards, os.cpu_count() or 1)
+        raise UserError(f"{source}: the '{split}' split has no examples.")
+    shards = _plan_shards(output_dir, split, n, num_shards)
+    num_workers = num_workers or min(len(shards), os.cpu_count() or 1)
     os.makedirs(output_dir, exist_ok=True)
-    bounds = [(k * n // num_shards, (k + 1) * n // num_shards) for k in range(num_shards)]
-    names = [info_lib.shard_name(split, k, num_shards) for k in range(num_shards)]
-    paths = [os.path.join(output_dir, name) for name in names]
-
-    lock = threading.Lock()
-    done = [0]
-
-    def progress(k):
-        with lock:
-            done[0] += k
-
     logging.info("Converting %s (%s, %d examples) into %d shards in %s with %d workers.",
-                 source, split, n, num_shards, output_dir, num_workers)
-    bar = None
-    if verbose:
-        import keras
-
-        bar = keras.utils.Progbar(n, unit_name="image", stateful_metrics=["images/s"])
-    start_time = time.time()
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-        futures = [
-            pool.submit(_write_shard, src, path, a, b, label_offset, progress)
-            for path, (a, b) in zip(paths, bounds)
-        ]
-        pending = set(futures)
-        try:
-            while pending:
-                finished, pending = concurrent.futures.wait(
-                    pending, timeout=1.0, return_when=concurrent.futures.FIRST_EXCEPTION
-                )
-                for future in finished:
-                    future.result()  # re-raises a shard's error
-                rate = done[0] / max(time.time() - start_time, 1e-6)
-                if bar is not None:
-                    bar.update(done[0], values=[("images/s", rate)])
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            concurrent.futures.wait(futures)
-            for path in paths:
-                if os.path.exists(path):
-                    os.remove(path)
-            logging.error("Conversion of %s failed; removed this run's %s shards.", source, split)
-            raise
-    elapsed = time.time() - start_time
-    logging.info("Wrote %d images in %.1f s (%.0f images/s).", n, elapsed, n / max(elapsed, 1e-6))
-
-    for stale in sorted(glob.glob(os.path.join(output_dir, f"{split}-*-of-*.tfrecord"))):
-        if os.path.basename(stale) not in names:
-            logging.warning("Removing stale shard %s from an earlier conversion.", stale)
-            os.remove(stale)
-
-    split_info = {
-        "num_examples": n,
-        "source": src.source,
-        "shards": [{"file": name, "num_examples": b - a} for name, (a, b) in zip(names, bounds)],
-    }
-    common = {
-        "source": src.source,
-        "class_names": src.class_names,
-        "num_classes": len(src.class_names),
-        "label_offset": label_offset,
-    }
-    return info_lib.write_dataset_info(output_dir, split, split_info, common)
+                 source, split, n, len(shards), output_dir, num_workers)
+    progress = _Progress(n, verbose)
+    try:
+        _write_shards(src, shards, label_offset, num_workers, progress)
+    except BaseException:
+        logging.error("Conversion of %s failed; removed this run's %s shards.", source, split)
+        raise
+    elapsed = progress.elapsed()
+    logging.info("Wrote %d images in %.1f s (%.0f images/s).", n, elapsed, n / elapsed)
+    _remove_stale_shards(output_dir, split, shards)
+    return _write_info(output_dir, split, src, shards, label_offset)

@@ -159,8 +159,10 @@ def no_library_loaded(tmp_path, monkeypatch):
 def test_without_a_compiler_auto_falls_back_and_compiled_raises(no_library_loaded, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-keras-vit")
     assert compiled_ops.load_resize_op() is None
-    with pytest.raises(compiled_ops.CompiledOpError, match="no C.. compiler 'no-such-compiler"):
+    with pytest.raises(compiled_ops.CompiledOpError,
+                       match="no C.. compiler 'no-such-compiler") as error:
         compiled_ops.load_resize_op(required=True)
+    assert isinstance(error.value, pipelines.UserError) and isinstance(error.value, RuntimeError)
     assert not no_library_loaded.exists()
 
 

@@ -259,8 +259,10 @@ class CallsAFunction:
 def test_restricted_unpickler_refuses_a_pickle_that_calls_a_function(tmp_path):
     src = make_cifar_python(tmp_path, "cifar10", {"test": [(np.zeros((1, 3072), np.uint8), [0])]})
     (src / "test_batch").write_bytes(pickle.dumps({b"data": CallsAFunction()}, protocol=2))
-    with pytest.raises(safe_pickle.ForbiddenGlobalError, match=r"test_batch.*refusing.*(posix|os)\.system"):
+    with pytest.raises(safe_pickle.ForbiddenGlobalError,
+                       match=r"test_batch.*refusing.*(posix|os)\.system") as refused:
         pipelines.convert(f"cifar10:{src}", tmp_path / "out", split="test", verbose=False)
+    assert isinstance(refused.value, pipelines.CorruptSourceError)  # a UserError: one CLI line
     # Plain data and numpy arrays (protocol 2 as in the official files, and protocol 5) load.
     array = np.arange(6, dtype=np.uint8).reshape(2, 3)
     for protocol in (2, 5):
@@ -321,6 +323,17 @@ def test_folder_with_images_at_top_level_is_refused(tmp_path):
     (tmp_path / "src" / "stray.png").write_bytes(b"x")
     with pytest.raises(ValueError, match="one sub-folder per class"):
         pipelines.convert(f"folder:{tmp_path / 'src'}", tmp_path / "out", verbose=False)
+
+
+def test_a_missing_or_unreadable_class_index_names_the_file(tmp_path):
+    make_folder(tmp_path / "src")
+    with pytest.raises(pipelines.MissingFileError, match="Class index file .*none.json does not"):
+        pipelines.convert(f"folder:{tmp_path / 'src'}", tmp_path / "out",
+                          class_index=str(tmp_path / "none.json"), verbose=False)
+    (tmp_path / "index.json").write_text("{not json")
+    with pytest.raises(pipelines.UserError, match="index.json is not a JSON class index"):
+        pipelines.convert(f"folder:{tmp_path / 'src'}", tmp_path / "out",
+                          class_index=str(tmp_path / "index.json"), verbose=False)
 
 
 def test_imagenet_sample_folder_with_class_index(tmp_path):

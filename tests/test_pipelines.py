@@ -24,7 +24,9 @@ def collect(ds):
 
 
 def test_eval_yields_every_example_once_with_partial_batch(digits_dir):
-    ds = pipelines.build_dataset(digits_dir, split="test", image_size=32, batch_size=100)
+    counter = pipelines.BadRecordCounter()
+    ds = pipelines.build_dataset(digits_dir, split="test", image_size=32, batch_size=100,
+                                 bad_record_counter=counter)
     sizes = [int(y.shape[0]) for _, y in ds]
     assert sizes == [100, 100, 100, 59]
     images, labels = collect(ds)
@@ -36,7 +38,7 @@ def test_eval_yields_every_example_once_with_partial_batch(digits_dir):
     order = np.random.default_rng(0).permutation(1797)[1438:]
     np.testing.assert_array_equal(
         np.bincount(labels, minlength=10), np.bincount(target[order], minlength=10))
-    assert ds.bad_records.count == 0
+    assert counter.count == 0
 
 
 def test_train_batches_have_fixed_shape(digits_dir):
@@ -94,19 +96,28 @@ def bad_dir(tmp_path):
 
 
 def test_skip_counts_bad_records(bad_dir):
-    ds = pipelines.build_dataset(bad_dir, split="test", image_size=4, batch_size=3)
+    counter = pipelines.BadRecordCounter()
+    ds = pipelines.build_dataset(bad_dir, split="test", image_size=4, batch_size=3,
+                                 bad_record_counter=counter)
     images, labels = collect(ds)
     assert labels.tolist() == [0, 1, 2, 3, 4, 5, 7, 8]
     np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 1, 2, 3, 4, 5, 7, 8])
-    assert ds.bad_records.count == 2
+    assert counter.count == 2
+
+
+def test_without_a_counter_bad_records_are_skipped_and_nothing_is_attached(bad_dir):
+    ds = pipelines.build_dataset(bad_dir, split="test", image_size=4, batch_size=3)
+    assert collect(ds)[1].tolist() == [0, 1, 2, 3, 4, 5, 7, 8]
+    assert not hasattr(ds, "bad_records")
 
 
 def test_skip_in_a_finite_training_pass_counts_only_bad_records(bad_dir):
+    counter = pipelines.BadRecordCounter()
     ds = pipelines.build_dataset(bad_dir, split="test", training=True, repeat=False,
-                                 image_size=4, batch_size=3, seed=0)
+                                 image_size=4, batch_size=3, seed=0, bad_record_counter=counter)
     sizes = [int(y.shape[0]) for _, y in ds]
     assert sizes == [3, 3]  # 8 good records, fixed-size batches, remainder of 2 dropped
-    assert ds.bad_records.count == 2
+    assert counter.count == 2
 
 
 def test_fail_raises_naming_the_shard(bad_dir):
@@ -119,11 +130,13 @@ def test_fail_raises_naming_the_shard(bad_dir):
 def test_truncated_shard(bad_dir):
     good = bad_dir / "test-00000-of-00002.tfrecord"
     good.write_bytes(good.read_bytes()[:-10])  # cuts into the 5th record
-    ds = pipelines.build_dataset(bad_dir, split="test", image_size=4, batch_size=4)
+    counter = pipelines.BadRecordCounter()
+    ds = pipelines.build_dataset(bad_dir, split="test", image_size=4, batch_size=4,
+                                 bad_record_counter=counter)
     _, labels = collect(ds)
     assert labels.tolist() == [0, 1, 2, 3, 5, 7, 8]
-    assert ds.bad_records.count == 3
-    assert list(ds.bad_records.shard_errors) == [str(good)]
+    assert counter.count == 3
+    assert list(counter.shard_errors) == [str(good)]
     with pytest.raises(pipelines.CorruptShardError, match="test-00000-of-00002.tfrecord.*truncated"):
         pipelines.build_dataset(bad_dir, split="test", image_size=4, batch_size=4, on_bad_record="fail")
 
@@ -253,11 +266,12 @@ def test_fail_mode_names_the_shard_of_a_corrupt_record(one_bad_record_dir, train
 @pytest.mark.parametrize("training", [False, True])
 def test_skip_mode_counts_a_corrupt_record(one_bad_record_dir, training):
     directory, _ = one_bad_record_dir
+    counter = pipelines.BadRecordCounter()
     ds = pipelines.build_dataset(directory, split="test", training=training, repeat=False,
-                                 image_size=8, batch_size=1, seed=0)
+                                 image_size=8, batch_size=1, seed=0, bad_record_counter=counter)
     _, labels = collect(ds)
     assert sorted(labels.tolist()) == [0, 1, 2, 3, 4, 6]
-    assert ds.bad_records.count == 1
+    assert counter.count == 1
 
 
 def test_fail_mode_reads_good_data_like_skip_mode(digits_dir):
