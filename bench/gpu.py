@@ -18,14 +18,10 @@ measured matmul FLOP/s. The last line is
 
 import datetime
 import os
-import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 from absl import app, flags, logging  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -18,15 +18,18 @@ checkpoints of "How to train your ViT" use the same ones):
     head/{kernel,bias}                            (D or R, K)
 """
 
+import dataclasses
 import os
 import re
 import zipfile
 
+import keras
 import numpy as np
 
 from keras_vit.model import create_model
 from keras_vit.posemb import resample
 from keras_vit.variants import ViTConfig
+from pipelines.errors import MissingFileError, UserError
 
 _BLOCK = "Transformer/encoderblock_{}"
 _ATTENTION = _BLOCK + "/MultiHeadDotProductAttention_1"
@@ -35,75 +38,108 @@ _BLOCK_PATTERN = re.compile(r"^Transformer/encoderblock_(\d+)/")
 _OVERRIDABLE = ("dropout_rate", "attention_dropout_rate", "stochastic_depth_rate", "include_top", "name")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 
-def _same(array):
-    return array
+class CheckpointNotFoundError(CheckpointError, MissingFileError):
+    """The checkpoint file does not exist (also a `MissingFileError`, a `FileNotFoundError`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckpointArray:
+    """One row of the two-way table: a checkpoint key and the Keras variable it fills.
+
+    Three kinds of row, told apart by their fields:
+      - the whole variable as is: `shape` is the variable's, `columns` all of them;
+      - the whole variable reshaped: the attention output kernel, (D, D) here and (H, D/H, D)
+        in the checkpoint;
+      - one of query, key and value, a third of the fused qkv Dense's last-axis `columns`:
+        split from the variable on save, joined into it on load.
+
+    Attributes:
+        key: the npz key.
+        variable: the Keras variable.
+        shape: the array's shape in the checkpoint.
+        columns: the slice of the variable's last axis that this array holds (`_ALL_COLUMNS`
+            for the whole variable).
+    """
+
+    key: str
+    variable: keras.Variable
+    shape: tuple
+    columns: slice
+
+    def to_checkpoint(self, value):
+        """The variable's value (a NumPy array of its shape) -> this key's array."""
+        return value[..., self.columns].reshape(self.shape)
+
+    def from_checkpoint(self, array):
+        """This key's array -> its columns of the variable, (..., columns held)."""
+        *leading, width = self.variable.shape
+        return array.reshape((*leading, len(range(width)[self.columns])))
+
+
+_ALL_COLUMNS = slice(None)
+
+
+def _plain(key, variable):
+    return _CheckpointArray(key, variable, tuple(variable.shape), _ALL_COLUMNS)
+
+
+def _dense(prefix, layer):
+    return [_plain(f"{prefix}/kernel", layer.kernel), _plain(f"{prefix}/bias", layer.bias)]
+
+
+def _norm(prefix, layer):
+    return [_plain(f"{prefix}/scale", layer.gamma), _plain(f"{prefix}/bias", layer.beta)]
+
+
+def _attention(prefix, attention):
+    """The rows of one `layers.MultiHeadSelfAttention` (the original's per-head layout)."""
+    hidden_size = attention.qkv.kernel.shape[0]
+    heads, head_dim = attention.num_heads, attention.head_dim
+    rows = []
+    for part, name in enumerate(("query", "key", "value")):
+        columns = slice(part * hidden_size, (part + 1) * hidden_size)
+        rows += [
+            _CheckpointArray(f"{prefix}/{name}/kernel", attention.qkv.kernel,
+                             (hidden_size, heads, head_dim), columns),
+            _CheckpointArray(f"{prefix}/{name}/bias", attention.qkv.bias, (heads, head_dim), columns),
+        ]
+    return rows + [
+        _CheckpointArray(f"{prefix}/out/kernel", attention.out.kernel,
+                         (heads, head_dim, hidden_size), _ALL_COLUMNS),
+        _plain(f"{prefix}/out/bias", attention.out.bias),
+    ]
+
+
+def _block(index, block):
+    """The rows of encoder block `index`, a `layers.TransformerBlock`."""
+    prefix = _BLOCK.format(index)
+    return (
+        _norm(f"{prefix}/LayerNorm_0", block.attention_norm)
+        + _attention(_ATTENTION.format(index), block.attention)
+        + _norm(f"{prefix}/LayerNorm_2", block.mlp_norm)
+        + _dense(f"{prefix}/MlpBlock_3/Dense_0", block.mlp.dense_1)
+        + _dense(f"{prefix}/MlpBlock_3/Dense_1", block.mlp.dense_2)
+    )
 
 
 def _weight_table(model):
-    """Lists (npz key, Keras variable, to_npz, from_npz) for every weight of `model`.
-
-    to_npz maps the variable's value to the checkpoint's layout, from_npz the other way.
-    """
-    table = []
-
-    def add(key, variable, to_npz=_same, from_npz=_same):
-        table.append((key, variable, to_npz, from_npz))
-
-    def add_dense(prefix, layer):
-        add(f"{prefix}/kernel", layer.kernel)
-        add(f"{prefix}/bias", layer.bias)
-
-    def add_norm(prefix, layer):
-        add(f"{prefix}/scale", layer.gamma)
-        add(f"{prefix}/bias", layer.beta)
-
+    """Every weight of `model` as `_CheckpointArray` rows, in checkpoint order."""
     projection = model.get_layer("patch_embedding").projection
-    add("embedding/kernel", projection.kernel)
-    add("embedding/bias", projection.bias)
+    table = [_plain("embedding/kernel", projection.kernel), _plain("embedding/bias", projection.bias)]
     if _has_layer(model, "class_token"):
-        add("cls", model.get_layer("class_token").token)
-    add(_POSEMB, model.get_layer("position_embedding").embedding)
-
+        table.append(_plain("cls", model.get_layer("class_token").token))
+    table.append(_plain(_POSEMB, model.get_layer("position_embedding").embedding))
     encoder = model.get_layer("encoder")
     for index, block in enumerate(encoder.blocks):
-        attention = block.attention
-        hidden_size = attention.qkv.kernel.shape[0]
-        heads, head_dim = attention.num_heads, attention.head_dim
-        prefix = _ATTENTION.format(index)
-        add_norm(_BLOCK.format(index) + "/LayerNorm_0", block.attention_norm)
-        for part, name in enumerate(("query", "key", "value")):
-            columns = slice(part * hidden_size, (part + 1) * hidden_size)
-            add(
-                f"{prefix}/{name}/kernel",
-                attention.qkv.kernel,
-                lambda kernel, c=columns: kernel[:, c].reshape(hidden_size, heads, head_dim),
-                ("qkv_kernel", part),
-            )
-            add(
-                f"{prefix}/{name}/bias",
-                attention.qkv.bias,
-                lambda bias, c=columns: bias[c].reshape(heads, head_dim),
-                ("qkv_bias", part),
-            )
-        add(
-            f"{prefix}/out/kernel",
-            attention.out.kernel,
-            lambda kernel: kernel.reshape(heads, head_dim, hidden_size),
-            lambda kernel: kernel.reshape(heads * head_dim, hidden_size),
-        )
-        add(f"{prefix}/out/bias", attention.out.bias)
-        add_norm(_BLOCK.format(index) + "/LayerNorm_2", block.mlp_norm)
-        add_dense(_BLOCK.format(index) + "/MlpBlock_3/Dense_0", block.mlp_dense_1)
-        add_dense(_BLOCK.format(index) + "/MlpBlock_3/Dense_1", block.mlp_dense_2)
-    add_norm("Transformer/encoder_norm", encoder.norm)
-    if _has_layer(model, "pre_logits"):
-        add_dense("pre_logits", model.get_layer("pre_logits"))
-    if _has_layer(model, "head"):
-        add_dense("head", model.get_layer("head"))
+        table += _block(index, block)
+    table += _norm("Transformer/encoder_norm", encoder.norm)
+    for name in ("pre_logits", "head"):
+        if _has_layer(model, name):
+            table += _dense(name, model.get_layer(name))
     return table
 
 
@@ -114,11 +150,20 @@ def _has_layer(model, name):
 def save_npz(model, path):
     """Writes `model`'s weights to `path` in the layout of Google's checkpoints.
 
-    The file loads with `from_npz`, with the original JAX code and with timm. Returns `path`.
+    The file loads with `from_npz`, with the original JAX code and with timm. It is written
+    under a temporary name and then renamed, so an interrupted save leaves no partial `path`.
+
+    Args:
+        model: a model as `create_model` or `from_npz` builds it.
+        path: the .npz file to write; its directory is created if needed.
+
+    Returns:
+        `path`.
     """
-    arrays = {}
-    for key, variable, to_npz, _ in _weight_table(model):
-        arrays[key] = np.asarray(to_npz(np.asarray(variable.numpy(), dtype=np.float32)))
+    arrays = {
+        row.key: row.to_checkpoint(np.asarray(row.variable.numpy(), dtype=np.float32))
+        for row in _weight_table(model)
+    }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     temporary = os.path.join(directory, f".{os.path.basename(path)}.partial.npz")
@@ -128,25 +173,42 @@ def save_npz(model, path):
 
 
 def load_npz(path):
-    """Reads a checkpoint into {key: float32 array}, with errors that name the file."""
+    """Reads every array of an .npz checkpoint, with errors that name the file.
+
+    Args:
+        path: an .npz file.
+
+    Returns:
+        {key: NumPy array}, each array in the dtype stored in the file (`from_npz` casts them
+        to float32).
+
+    Raises:
+        CheckpointNotFoundError: `path` does not exist.
+        CheckpointError: `path` is not a readable .npz archive of named arrays.
+    """
     if not os.path.exists(path):
-        raise CheckpointError(f"Checkpoint file {path} does not exist.")
+        raise CheckpointNotFoundError(f"Checkpoint file {path} does not exist.")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise CheckpointError(
-                    f"{path} holds a single array, not a checkpoint: expected an .npz archive of "
-                    "named arrays (as np.savez writes)."
-                )
-            return {key: np.asarray(data[key]) for key in data.files}
+        data = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        if isinstance(error, CheckpointError):
-            raise
         raise CheckpointError(
             f"{path} is not a readable .npz checkpoint ({error}). Expected a checkpoint of "
             "google-research/vision_transformer or one written by keras_vit.save_npz; check "
             "that the download is complete."
         ) from error
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise CheckpointError(
+            f"{path} holds a single array, not a checkpoint: expected an .npz archive of "
+            "named arrays (as np.savez writes)."
+        )
+    with data:
+        try:
+            return {key: np.asarray(data[key]) for key in data.files}
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            raise CheckpointError(
+                f"{path} has an unreadable array ({error}); check that the download is "
+                "complete."
+            ) from error
 
 
 def _require(arrays, keys, path):
@@ -162,8 +224,17 @@ def _require(arrays, keys, path):
 def describe_checkpoint(arrays, path="checkpoint"):
     """Reads the architecture from the array shapes.
 
-    Returns a dict with config (ViTConfig), pooling, grid_size, representation_size and
-    num_classes (None when the checkpoint has no head).
+    Args:
+        arrays: {key: array} of a checkpoint, as `load_npz` returns it.
+        path: the file's name, for the error messages.
+
+    Returns:
+        A dict with "config" (ViTConfig), "pooling" ("token" or "gap"), "grid_size" (rows,
+        columns) of patches, "representation_size" (None without pre-logits) and "num_classes"
+        (None when the checkpoint has no head).
+
+    Raises:
+        CheckpointError: the keys or shapes are not those of a ViT checkpoint.
     """
     _require(arrays, ["embedding/kernel", _POSEMB, "Transformer/encoder_norm/scale"], path)
     kernel = arrays["embedding/kernel"]
@@ -222,6 +293,10 @@ def from_npz(path, *, image_size=None, num_classes=None, **overrides):
 
     Returns:
         A `keras.Model` as `create_model` builds it, with the checkpoint's weights.
+
+    Raises:
+        CheckpointError: the file is missing (`CheckpointNotFoundError`) or unreadable, or it
+            does not fit the model: every missing, unexpected and mis-shaped key is listed.
     """
     unknown = sorted(set(overrides) - set(_OVERRIDABLE))
     if unknown:
@@ -270,21 +345,34 @@ def _assign(model, arrays, path, ignore_extra_prefixes=(), keep_initial_prefixes
     `keep_initial_prefixes` (a new head) keep their initial values.
     """
     table = [
-        row for row in _weight_table(model) if not row[0].startswith(tuple(keep_initial_prefixes))
+        row for row in _weight_table(model) if not row.key.startswith(tuple(keep_initial_prefixes))
     ]
-    expected_keys = {key for key, *_ in table}
+    _check_fit(table, arrays, f"Checkpoint {path} does not fit the model {model.name}:",
+               tuple(ignore_extra_prefixes))
+    # Each row fills its columns of its variable's value; each variable is assigned once.
+    values = {}
+    for row in table:
+        _, value = values.setdefault(
+            id(row.variable), (row.variable, np.empty(row.variable.shape, np.float32)))
+        value[..., row.columns] = row.from_checkpoint(arrays[row.key])
+    for variable, value in values.values():
+        variable.assign(value)
+
+
+def _check_fit(table, arrays, heading, ignore_extra_prefixes):
+    """Raises one CheckpointError listing every missing, unexpected and mis-shaped key."""
+    expected_keys = {row.key for row in table}
     missing = sorted(expected_keys - set(arrays))
     unexpected = sorted(
-        key for key in set(arrays) - expected_keys if not key.startswith(tuple(ignore_extra_prefixes))
+        key for key in set(arrays) - expected_keys if not key.startswith(ignore_extra_prefixes)
     )
-    mismatched = []
-    for key, variable, to_npz, _ in table:
-        if key in arrays:
-            expected_shape = to_npz(np.zeros(variable.shape, np.float32)).shape
-            if tuple(arrays[key].shape) != tuple(expected_shape):
-                mismatched.append(f"{key}: expected {tuple(expected_shape)}, found {tuple(arrays[key].shape)}")
+    mismatched = [
+        f"{row.key}: expected {row.shape}, found {tuple(arrays[row.key].shape)}"
+        for row in table
+        if row.key in arrays and tuple(arrays[row.key].shape) != row.shape
+    ]
     if missing or unexpected or mismatched:
-        lines = [f"Checkpoint {path} does not fit the model {model.name}:"]
+        lines = [heading]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {missing}")
         if unexpected:
@@ -292,16 +380,3 @@ def _assign(model, arrays, path, ignore_extra_prefixes=(), keep_initial_prefixes
         if mismatched:
             lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
         raise CheckpointError("\n".join(lines))
-
-    values = {}
-    for key, variable, _, from_npz_fn in table:
-        if isinstance(from_npz_fn, tuple):
-            # One of the three parts of the fused qkv kernel or bias: gather, assign once.
-            kind, part = from_npz_fn
-            parts = values.setdefault(id(variable), (variable, kind, [None, None, None]))[2]
-            parts[part] = arrays[key]
-        else:
-            variable.assign(from_npz_fn(arrays[key]))
-    for variable, kind, parts in values.values():
-        flat = [p.reshape(p.shape[0], -1) if kind == "qkv_kernel" else p.reshape(-1) for p in parts]
-        variable.assign(np.concatenate(flat, axis=-1))

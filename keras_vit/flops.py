@@ -15,16 +15,9 @@ ViT-B/16 at 224 instead of 35.13. Use it for rates and utilization of keras_vit'
 the standard count is the one to compare architectures with.
 """
 
-from keras_vit.variants import parse_variant
+from keras_vit.variants import check_pooling, image_shape, parse_variant
 
 TRAINING_FLOPS_PER_FORWARD = 3
-
-
-def _image_shape(image_size):
-    if isinstance(image_size, int):
-        return image_size, image_size
-    height, width = image_size
-    return int(height), int(width)
 
 
 def forward_flops(variant, image_size=224, num_classes=1000, pooling="token",
@@ -46,14 +39,9 @@ def forward_flops(variant, image_size=224, num_classes=1000, pooling="token",
         An int, FLOP per image.
     """
     config = parse_variant(variant)
-    height, width = _image_shape(image_size)
+    height, width = image_shape(image_size, config.patch_size)
     patch, hidden, mlp = config.patch_size, config.hidden_size, config.mlp_dim
-    if height % patch or width % patch:
-        raise ValueError(
-            f"image_size {image_size} is not a multiple of the patch size {patch}."
-        )
-    if pooling not in ("token", "gap"):
-        raise ValueError(f"pooling must be 'token' or 'gap', got {pooling!r}.")
+    check_pooling(pooling)
     if class_token_only and pooling != "token":
         raise ValueError("class_token_only needs pooling='token' (a model with a class token).")
     num_patches = (height // patch) * (width // patch)
@@ -90,9 +78,18 @@ def mlp_matmul_flops(variant, batch_size, image_size=224, pooling="token"):
     """FLOP of one (batch·tokens, D) @ (D, mlp_dim) matrix multiply: the model's MLP shape.
 
     Used as the machine's reference rate for the kind of work the model does.
+
+    Args:
+        variant: "B/16" etc. or a `keras_vit.ViTConfig`.
+        batch_size: images per batch.
+        image_size: side in pixels or (height, width); multiples of the patch size.
+        pooling: "token" (one class token more) or "gap".
+
+    Returns:
+        An int, FLOP of the whole multiply.
     """
     config = parse_variant(variant)
-    height, width = _image_shape(image_size)
+    height, width = image_shape(image_size, config.patch_size)
     tokens = (height // config.patch_size) * (width // config.patch_size)
     tokens += 1 if pooling == "token" else 0
     return 2 * batch_size * tokens * config.hidden_size * config.mlp_dim

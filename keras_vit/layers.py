@@ -2,18 +2,20 @@
 
 Every layer here is written with `keras.ops` and `keras.layers`, so a model built from them
 runs on the TensorFlow and the JAX backends alike; the one exception is an inference fast path
-for the MLP on the TensorFlow backend (`_dense_gelu_tensorflow`), the same math as the
-backend-neutral code beside it. Shapes use B = batch, T = tokens,
-N = patches, D = hidden size, H = heads.
+of `MlpBlock` on the TensorFlow backend, the same math as the backend-neutral code beside it.
+Shapes use B = batch, T = tokens, N = patches, D = hidden size, H = heads.
 
-Initializers follow google-research/vision_transformer: Xavier-uniform kernels, tiny normal
-MLP biases, N(0, 0.02) position embeddings, a zero class token.
+Initializers follow google-research/vision_transformer (Flax's defaults where it sets none):
+the patch projection's kernel is LeCun-normal; the query, key, value, attention-output and MLP
+kernels are Xavier-uniform; the MLP biases N(0, 1e-6); the other biases zero; the position
+embedding N(0, 0.02); the class token zero; LayerNorm scale one and offset zero.
 """
 
 import keras
 from keras import ops
 
 from keras_vit import posemb
+from keras_vit.variants import check_pooling
 
 _LAYER_NORM_EPSILON = 1e-6  # The original code's LayerNorm epsilon (Flax default).
 
@@ -30,8 +32,10 @@ class PatchEmbedding(keras.layers.Layer):
     every non-overlapping patch: it is exactly "flatten each patch, then Dense", and its kernel
     (P, P, 3, D) is the layout of the original checkpoints' `embedding/kernel`.
 
-    Input: (B, height, width, channels), both sides divisible by P. Output: (B, N, D) with
-    N = (height / P) · (width / P), patches in row-major order.
+    Args:
+        patch_size: side P of the square patches, in pixels.
+        hidden_size: width D of the patch embeddings.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
     def __init__(self, patch_size, hidden_size, **kwargs):
@@ -59,6 +63,14 @@ class PatchEmbedding(keras.layers.Layer):
         self.projection.build(input_shape)
 
     def call(self, images):
+        """Embeds every patch.
+
+        Args:
+            images: (B, height, width, channels), both sides multiples of P.
+
+        Returns:
+            (B, N, D) with N = (height / P) · (width / P), the patches in row-major order.
+        """
         patches = self.projection(images)
         return ops.reshape(patches, (ops.shape(patches)[0], -1, self.hidden_size))
 
@@ -75,7 +87,7 @@ class PatchEmbedding(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="keras_vit")
 class ClassToken(keras.layers.Layer):
-    """Prepends the learned class token x_class (Eq. 1). (B, N, D) -> (B, 1 + N, D)."""
+    """Prepends the learned class token x_class (Eq. 1), a (1, 1, D) weight."""
 
     def build(self, input_shape):
         self.token = self.add_weight(
@@ -83,6 +95,14 @@ class ClassToken(keras.layers.Layer):
         )
 
     def call(self, tokens):
+        """Prepends the class token to every image's patch tokens.
+
+        Args:
+            tokens: (B, N, D).
+
+        Returns:
+            (B, 1 + N, D), the class token first.
+        """
         batch_size = ops.shape(tokens)[0]
         token = ops.cast(self.token, tokens.dtype)
         token = ops.broadcast_to(token, (batch_size, 1, ops.shape(tokens)[-1]))
@@ -95,10 +115,15 @@ class ClassToken(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="keras_vit")
 class AddPositionEmbedding(keras.layers.Layer):
-    """Adds the learned 1-D position embedding E_pos (Eq. 1). (B, T, D) -> (B, T, D).
+    """Adds the learned 1-D position embedding E_pos (Eq. 1), a (1, T, D) weight.
 
     T = num_prefix_tokens + grid_size[0] · grid_size[1]: the class token (if any) first, then
     the patches in row-major order of their grid_size grid.
+
+    Args:
+        grid_size: (rows, columns) of the patch grid.
+        num_prefix_tokens: tokens before the patches: 1 with a class token, else 0.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
     def __init__(self, grid_size, num_prefix_tokens=1, **kwargs):
@@ -124,13 +149,27 @@ class AddPositionEmbedding(keras.layers.Layer):
         )
 
     def call(self, tokens):
+        """Adds the position embedding to every image's tokens.
+
+        Args:
+            tokens: (B, T, D).
+
+        Returns:
+            (B, T, D): tokens + E_pos.
+        """
         return tokens + ops.cast(self.embedding, tokens.dtype)
 
     def resampled(self, new_grid_size):
-        """Returns this layer's embedding resampled to a new patch grid, as a NumPy array.
+        """This layer's embedding resampled to a new patch grid (`posemb.resample`).
 
         The patch part is resampled bilinearly on its 2-D grid; the class-token position is
-        kept as is. Output shape (1, num_prefix_tokens + new_h · new_w, D).
+        kept as is.
+
+        Args:
+            new_grid_size: (new_h, new_w), rows and columns of the new patch grid.
+
+        Returns:
+            A float32 NumPy array (1, num_prefix_tokens + new_h · new_w, D).
         """
         return posemb.resample(
             ops.convert_to_numpy(self.embedding), self.grid_size, new_grid_size,
@@ -153,8 +192,10 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     instead of three. Its columns are [query | key | value], each in (head, head_dim) order,
     which is the original checkpoints' (D, H, D/H) kernels reshaped and concatenated.
 
-    Input (B, T, D). Output (B, T, D), and with `return_attention_scores=True` also the
-    attention probabilities (B, H, T, T) (softmax over the last axis, before dropout).
+    Args:
+        num_heads: attention heads H; must divide D.
+        dropout_rate: dropout on the attention probabilities.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
     def __init__(self, num_heads, dropout_rate=0.0, **kwargs):
@@ -184,8 +225,20 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.out.build(input_shape)
 
     def call(self, tokens, training=None, return_attention_scores=False, first_query_only=False):
-        """With `first_query_only`, only the first token attends: output (B, 1, D) (and
-        attention (B, H, 1, T)); keys and values still come from all T tokens."""
+        """Attends every token (or only the first) to all T tokens.
+
+        Args:
+            tokens: (B, T, D).
+            training: whether dropout is active.
+            return_attention_scores: also return the attention probabilities.
+            first_query_only: only the first token attends; keys and values still come from
+                all T tokens.
+
+        Returns:
+            (B, T, D), or (B, 1, D) with `first_query_only`; with `return_attention_scores`
+            also the float32 attention probabilities (B, H, T, T), or (B, H, 1, T): softmax
+            over the last axis, before dropout.
+        """
         batch_size, num_tokens = ops.shape(tokens)[0], ops.shape(tokens)[1]
         hidden_size = self.num_heads * self.head_dim
         qkv = ops.reshape(
@@ -222,9 +275,13 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 class StochasticDepth(keras.layers.Layer):
     """Drops a residual branch per example during training (Huang et al. 2016, "drop path").
 
-    Input (B, ...). In training each example's branch is zeroed with probability `rate` and
-    scaled by 1 / (1 - rate) otherwise, so the expectation is unchanged; at inference it is
-    the identity.
+    In training each example's branch is zeroed with probability `rate` and scaled by
+    1 / (1 - rate) otherwise, so the expectation is unchanged; at inference it is the identity.
+
+    Args:
+        rate: drop probability, in [0, 1).
+        seed: seed of the drop mask's random generator; None for a random one.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
     def __init__(self, rate, seed=None, **kwargs):
@@ -236,6 +293,15 @@ class StochasticDepth(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, inputs, training=None):
+        """Zeroes whole examples of a branch's output in training; the identity otherwise.
+
+        Args:
+            inputs: (B, ...), one branch output per example.
+            training: whether to drop.
+
+        Returns:
+            The shape of `inputs`: each example zeroed or scaled by 1 / (1 - rate).
+        """
         if not training or self.rate == 0.0:
             return inputs
         keep_probability = 1.0 - self.rate
@@ -250,34 +316,113 @@ class StochasticDepth(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
-def _dense_gelu_tensorflow(inputs, dense):
-    """GELU(inputs @ kernel + bias) for (B, T, D) inputs, as ops TensorFlow's oneDNN fuses.
+def _mlp_dense(units, name):
+    # The original's MLP initialization: Xavier-uniform kernel, N(0, 1e-6) bias.
+    return keras.layers.Dense(
+        units,
+        kernel_initializer="glorot_uniform",
+        bias_initializer=keras.initializers.RandomNormal(stddev=1e-6),
+        name=name,
+    )
 
-    TensorFlow's graph rewriter fuses MatMul + BiasAdd + GELU into one oneDNN matmul only for
-    a 2-D MatMul followed by a BiasAdd op; Keras's
-    Dense on 3-D inputs emits a tensordot and an AddV2, which it does not fuse. Measured on
-    ViT-B/16 inference: 19% faster under mixed_bfloat16, 9% in float32 (bench/NOTES.md).
-    Inference only: a training graph keeps the pre-activation for the backward pass, so nothing
-    is fused there and the backend-neutral path (float32 GELU) is faster.
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class MlpBlock(keras.layers.Layer):
+    """The encoder block's MLP (Eq. 3): Dense(mlp_dim) -> GELU -> Dropout -> Dense(D) -> Dropout.
+
+    On the TensorFlow backend at inference, the first Dense and the GELU run as a 2-D MatMul, a
+    BiasAdd and a GELU op on the Dense layer's own variables (the GELU in the compute dtype):
+    TensorFlow's graph rewriter fuses those three into one oneDNN matmul, while Keras's Dense on
+    (B, T, D) inputs emits a tensordot and an AddV2, which it does not fuse (bench/NOTES.md has
+    the measurements). Training keeps Keras's Dense and a float32 GELU: a training graph keeps
+    the pre-activation for the backward pass, so nothing fuses there, and that is the faster
+    path. A quantized Dense (`model.quantize`) also keeps its own call: its kernel is in its own
+    format.
+
+    Args:
+        mlp_dim: hidden width of the MLP.
+        dropout_rate: dropout after the GELU and after the second Dense.
+        approximate: True (default) for GELU's tanh approximation, as `flax.linen.gelu` that
+            trained Google's checkpoints; False for the exact (erf) GELU.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
-    import tensorflow as tf
 
-    flat = tf.reshape(inputs, (-1, inputs.shape[-1]))
-    hidden = tf.matmul(flat, ops.cast(dense.kernel, flat.dtype))
-    hidden = tf.nn.bias_add(hidden, ops.cast(dense.bias, flat.dtype))
-    hidden = tf.nn.gelu(hidden, approximate=True)
-    return tf.reshape(hidden, tf.concat([tf.shape(inputs)[:-1], [dense.units]], axis=0))
+    def __init__(self, mlp_dim, dropout_rate=0.0, approximate=True, **kwargs):
+        super().__init__(**kwargs)
+        self.mlp_dim = int(mlp_dim)
+        self.dropout_rate = float(dropout_rate)
+        self.approximate = bool(approximate)
+        self.dense_1 = _mlp_dense(self.mlp_dim, "dense_1")
+        self.dropout_1 = keras.layers.Dropout(self.dropout_rate, name="dropout_1")
+        self.dense_2 = None  # Built in build(), once D is known.
+        self.dropout_2 = keras.layers.Dropout(self.dropout_rate, name="dropout_2")
+
+    def build(self, input_shape):
+        self.dense_2 = _mlp_dense(input_shape[-1], "dense_2")
+        self.dense_1.build(input_shape)
+        self.dense_2.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
+
+    def call(self, tokens, training=None):
+        """Applies the MLP to every token.
+
+        Args:
+            tokens: (B, T, D).
+            training: whether dropout is active.
+
+        Returns:
+            (B, T, D), in the layer's compute dtype.
+        """
+        hidden = self.dropout_1(self._dense_gelu(tokens, training), training=training)
+        return self.dropout_2(self.dense_2(hidden), training=training)
+
+    def _dense_gelu(self, tokens, training):
+        """GELU(tokens @ kernel + bias) of the first Dense: (B, T, D) -> (B, T, mlp_dim)."""
+        if (not training and keras.backend.backend() == "tensorflow"
+                and getattr(self.dense_1, "quantization_mode", None) is None):
+            return self._fused_dense_gelu_tensorflow(tokens)
+        hidden = self.dense_1(tokens)
+        # GELU in float32 even under mixed precision: TensorFlow's CPU kernels run bfloat16
+        # element-wise ops several times slower than float32 ones (bench/NOTES.md).
+        return ops.cast(
+            keras.activations.gelu(ops.cast(hidden, "float32"), approximate=self.approximate),
+            hidden.dtype,
+        )
+
+    def _fused_dense_gelu_tensorflow(self, tokens):
+        """`_dense_gelu` as the 2-D MatMul, BiasAdd and GELU ops that oneDNN fuses (TF only)."""
+        import tensorflow as tf  # Here only: the JAX backend must not need TensorFlow.
+
+        dense = self.dense_1
+        flat = tf.reshape(tokens, (-1, tokens.shape[-1]))
+        hidden = tf.matmul(flat, ops.cast(dense.kernel, flat.dtype))
+        hidden = tf.nn.bias_add(hidden, ops.cast(dense.bias, flat.dtype))
+        hidden = tf.nn.gelu(hidden, approximate=self.approximate)
+        return tf.reshape(hidden, tf.concat([tf.shape(tokens)[:-1], [dense.units]], axis=0))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "mlp_dim": self.mlp_dim,
+            "dropout_rate": self.dropout_rate,
+            "approximate": self.approximate,
+        }
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
 class TransformerBlock(keras.layers.Layer):
-    """One pre-LayerNorm encoder block (Eq. 2 and 3).
+    """One pre-LayerNorm encoder block (Eq. 2 and 3), one line per residual branch:
 
         z' = z + DropPath(Dropout(MSA(LN(z))))
-        z  = z' + DropPath(MLP(LN(z')))       MLP: Dense(mlp_dim) -> GELU -> Dropout -> Dense(D) -> Dropout
+        z  = z' + DropPath(MLP(LN(z')))
 
-    GELU is the tanh approximation, as `flax.linen.gelu` that trained Google's checkpoints.
-    Input and output (B, T, D); with `return_attention_scores=True` also (B, H, T, T).
+    Args:
+        num_heads: attention heads H; must divide D.
+        mlp_dim: hidden width of the MLP (`MlpBlock`).
+        dropout_rate: dropout on the attention output and in the MLP.
+        attention_dropout_rate: dropout on the attention probabilities.
+        stochastic_depth_rate: probability of dropping a residual branch, per example, in
+            training (`StochasticDepth`).
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
     def __init__(
@@ -301,63 +446,41 @@ class TransformerBlock(keras.layers.Layer):
         )
         self.attention_dropout = keras.layers.Dropout(self.dropout_rate, name="attention_output_dropout")
         self.mlp_norm = _layer_norm("mlp_norm")
-        self.mlp_dense_1 = keras.layers.Dense(
-            self.mlp_dim,
-            kernel_initializer="glorot_uniform",
-            bias_initializer=keras.initializers.RandomNormal(stddev=1e-6),
-            name="mlp_dense_1",
-        )
-        self.mlp_dropout_1 = keras.layers.Dropout(self.dropout_rate, name="mlp_dropout_1")
-        self.mlp_dense_2 = None  # Built in build(), once D is known.
-        self.mlp_dropout_2 = keras.layers.Dropout(self.dropout_rate, name="mlp_dropout_2")
+        self.mlp = MlpBlock(self.mlp_dim, self.dropout_rate, name="mlp")
         self.drop_path = StochasticDepth(self.stochastic_depth_rate, name="drop_path")
 
     def build(self, input_shape):
-        hidden_size = input_shape[-1]
-        self.mlp_dense_2 = keras.layers.Dense(
-            hidden_size,
-            kernel_initializer="glorot_uniform",
-            bias_initializer=keras.initializers.RandomNormal(stddev=1e-6),
-            name="mlp_dense_2",
-        )
-        self.attention_norm.build(input_shape)
-        self.attention.build(input_shape)
-        self.mlp_norm.build(input_shape)
-        self.mlp_dense_1.build(input_shape)
-        self.mlp_dense_2.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
+        # The MLP before the attention: a Dense draws its initializer's seed when it is created,
+        # and the MLP's second Dense is created here. This order gives a seeded model the same
+        # initial weights as the blocks before MlpBlock existed.
+        for layer in (self.attention_norm, self.mlp, self.attention, self.mlp_norm):
+            layer.build(input_shape)
 
     def call(self, tokens, training=None, return_attention_scores=False, class_token_only=False):
-        """With `class_token_only`, the block computes the first token's output alone:
-        (B, T, D) -> (B, 1, D), the attention (B, H, 1, T); all T tokens are still attended to."""
-        attended = self.attention(
-            self.attention_norm(tokens),
-            training=training,
-            return_attention_scores=return_attention_scores,
+        """Runs the block.
+
+        Args:
+            tokens: (B, T, D).
+            training: whether dropout and stochastic depth are active.
+            return_attention_scores: also return the attention probabilities.
+            class_token_only: compute the first token's output alone; it still attends to all T
+                tokens.
+
+        Returns:
+            (B, T, D), or (B, 1, D) with `class_token_only`; with `return_attention_scores` also
+            the attention probabilities (B, H, T, T), or (B, H, 1, T).
+        """
+        # The attention computes its probabilities either way: returning them costs nothing.
+        attended, probabilities = self.attention(
+            self.attention_norm(tokens), training=training, return_attention_scores=True,
             first_query_only=class_token_only,
         )
-        if return_attention_scores:
-            attended, probabilities = attended
-        attended = self.attention_dropout(attended, training=training)
         if class_token_only:
-            tokens = tokens[:, :1]
-        tokens = tokens + self.drop_path(attended, training=training)
-
-        normed = self.mlp_norm(tokens)
-        # A quantized Dense (model.quantize) keeps its own kernel format: use its call.
-        if (not training and keras.backend.backend() == "tensorflow"
-                and getattr(self.mlp_dense_1, "quantization_mode", None) is None):
-            hidden = _dense_gelu_tensorflow(normed, self.mlp_dense_1)
-        else:
-            hidden = self.mlp_dense_1(normed)
-            # GELU in float32 even under mixed precision: TensorFlow's CPU kernels run bfloat16
-            # element-wise ops several times slower than float32 ones (bench/NOTES.md).
-            hidden = ops.cast(
-                keras.activations.gelu(ops.cast(hidden, "float32"), approximate=True),
-                hidden.dtype,
-            )
-        hidden = self.mlp_dropout_1(hidden, training=training)
-        hidden = self.mlp_dropout_2(self.mlp_dense_2(hidden), training=training)
-        tokens = tokens + self.drop_path(hidden, training=training)
+            tokens = tokens[:, :1]  # Only the class token's residual stream goes on.
+        tokens = tokens + self.drop_path(
+            self.attention_dropout(attended, training=training), training=training)
+        tokens = tokens + self.drop_path(
+            self.mlp(self.mlp_norm(tokens), training=training), training=training)
         if return_attention_scores:
             return tokens, probabilities
         return tokens
@@ -380,15 +503,22 @@ class Encoder(keras.layers.Layer):
     Stochastic depth grows linearly with depth, from 0 at the first block to
     `stochastic_depth_rate` at the last (Huang et al. 2016; timm and big_vision do the same).
 
-    Input (B, T, D). Output (B, T, D); with `return_attention_scores=True` also the attention
-    probabilities of every block stacked, (B, num_layers, H, T, T), first block first.
-
     `class_token_only=True` is for a classifier that reads only the class token's output
     (token pooling): the last block then computes that token alone, and the output is (B, 1, D),
     equal to the first row of the full output. It skips the last block's MLP and attention
-    output for the other T - 1 tokens, whose results nothing reads: ~6% of ViT-B/16's forward
-    and backward (bench/NOTES.md, lever 14). `return_attention_scores=True` still runs every
-    token, so that every attention map is whole.
+    output for the other T - 1 tokens, whose results nothing reads: ~6% of ViT-B/16's FLOP
+    (`keras_vit.flops`; timings in bench/NOTES.md). `return_attention_scores=True` still runs
+    every token, so that every attention map is whole.
+
+    Args:
+        num_layers: encoder blocks L.
+        num_heads: attention heads H per block; must divide D.
+        mlp_dim: hidden width of each block's MLP.
+        dropout_rate: dropout on the attention outputs and in the MLPs.
+        attention_dropout_rate: dropout on the attention probabilities.
+        stochastic_depth_rate: drop-path rate of the last block.
+        class_token_only: whether the last block computes the class token alone (above).
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
     def __init__(
@@ -429,6 +559,18 @@ class Encoder(keras.layers.Layer):
         self.norm.build(input_shape)
 
     def call(self, tokens, training=None, return_attention_scores=False):
+        """Runs every block, then the final LayerNorm.
+
+        Args:
+            tokens: (B, T, D).
+            training: whether dropout and stochastic depth are active.
+            return_attention_scores: also return every block's attention probabilities.
+
+        Returns:
+            (B, T, D), or (B, 1, D) with `class_token_only` (and no attention scores); with
+            `return_attention_scores` also the attention probabilities of every block
+            stacked, (B, num_layers, H, T, T), first block first.
+        """
         attention_maps = []
         for block in self.blocks:
             if return_attention_scores:
@@ -458,19 +600,28 @@ class Encoder(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="keras_vit")
 class TokenPooling(keras.layers.Layer):
-    """Reduces the encoder output to one vector per image. (B, T, D) -> (B, D).
+    """Reduces the encoder output to one vector per image.
 
-    "token": the class token's output y = z_L^0 (Eq. 4). "gap": the mean of the patch tokens
-    (the model then has no class token).
+    Args:
+        pooling: one of `variants.POOLINGS`: "token", the class token's output y = z_L^0
+            (Eq. 4); "gap", the mean of the patch tokens (the model then has no class token).
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
     def __init__(self, pooling="token", **kwargs):
         super().__init__(**kwargs)
-        if pooling not in ("token", "gap"):
-            raise ValueError(f"pooling must be 'token' or 'gap', got {pooling!r}.")
+        check_pooling(pooling)
         self.pooling = pooling
 
     def call(self, tokens):
+        """Pools each image's tokens into one vector.
+
+        Args:
+            tokens: (B, T, D), the class token first with "token".
+
+        Returns:
+            (B, D).
+        """
         if self.pooling == "token":
             return tokens[:, 0]
         return ops.mean(tokens, axis=1)

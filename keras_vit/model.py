@@ -3,16 +3,7 @@
 import keras
 
 from keras_vit import layers
-from keras_vit.variants import parse_variant, short_name
-
-POOLINGS = ("token", "gap")
-
-
-def _image_shape(image_size):
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    height, width = image_size
-    return (int(height), int(width))
+from keras_vit.variants import check_pooling, image_shape, parse_variant, short_name
 
 
 def create_model(
@@ -37,7 +28,8 @@ def create_model(
         image_size: side of the square input in pixels, or (height, width); multiples of the
             patch size.
         num_classes: classes of the linear head.
-        pooling: "token" (class token, Eq. 4) or "gap" (mean of the patch tokens).
+        pooling: one of `variants.POOLINGS`: "token" (class token, Eq. 4) or "gap" (mean of
+            the patch tokens).
         representation_size: if set, the pre-training "pre-logits" layer Dense + tanh of this
             width sits before the head (the paper's "MLP with one hidden layer" at
             pre-training); None for fine-tuning's single linear head.
@@ -50,7 +42,7 @@ def create_model(
             (`layers.Encoder`). None (default): True for pooling="token". Pass False to read
             every token of the encoder's output, `model.get_layer("encoder").output`
             (B, T, D), e.g. as dense features; with True it is (B, 1, D).
-        name: model name; defaults to "vit_<size>_<patch>".
+        name: model name; defaults to "vit_" and the variant's short name, e.g. "vit_b16".
 
     Returns:
         A functional `keras.Model`. Input: float32 RGB pixels in [0, 255],
@@ -60,35 +52,14 @@ def create_model(
         (B, representation_size).
     """
     config = parse_variant(variant)
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
-    if class_token_only is None:
-        class_token_only = pooling == "token"
-    if class_token_only and pooling != "token":
-        raise ValueError(f"class_token_only=True needs pooling='token', got {pooling!r}: "
-                         "global average pooling reads every token.")
+    check_pooling(pooling)
+    class_token_only = _class_token_only(pooling, class_token_only)
     if include_top and (not isinstance(num_classes, int) or num_classes <= 0):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-    height, width = _image_shape(image_size)
-    for side in (height, width):
-        if side % config.patch_size:
-            raise ValueError(
-                f"image_size {image_size} is not a multiple of the patch size "
-                f"{config.patch_size}; choose e.g. {config.patch_size * (side // config.patch_size)}."
-            )
-    grid_size = (height // config.patch_size, width // config.patch_size)
-    name = name or f"vit_{short_name(config)}"
+    height, width = image_shape(image_size, config.patch_size)
 
     images = keras.Input((height, width, 3), name="images")
-    # [0, 255] -> [-1, 1]: the input scaling of the original training code.
-    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(images)
-    x = layers.PatchEmbedding(config.patch_size, config.hidden_size, name="patch_embedding")(x)
-    if pooling == "token":
-        x = layers.ClassToken(name="class_token")(x)
-    x = layers.AddPositionEmbedding(
-        grid_size, num_prefix_tokens=1 if pooling == "token" else 0, name="position_embedding"
-    )(x)
-    x = keras.layers.Dropout(dropout_rate, name="embedding_dropout")(x)
+    x = _embed(images, config, pooling, dropout_rate)
     x = layers.Encoder(
         config.num_layers,
         config.num_heads,
@@ -100,20 +71,60 @@ def create_model(
         name="encoder",
     )(x)
     x = layers.TokenPooling(pooling, name="pooling")(x)
+    x = _head(x, representation_size, num_classes if include_top else None)
+    return keras.Model(images, x, name=name or f"vit_{short_name(config)}")
+
+
+def _class_token_only(pooling, class_token_only):
+    """`create_model`'s class_token_only, checked; None means True exactly for token pooling."""
+    if class_token_only is None:
+        return pooling == "token"
+    if class_token_only and pooling != "token":
+        raise ValueError(f"class_token_only=True needs pooling='token', got {pooling!r}: "
+                         "global average pooling reads every token.")
+    return class_token_only
+
+
+def _embed(images, config, pooling, dropout_rate):
+    """Eq. 1: pixels (B, height, width, 3) in [0, 255] -> tokens (B, T, D)."""
+    # [0, 255] -> [-1, 1]: the input scaling of the original training code.
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(images)
+    x = layers.PatchEmbedding(config.patch_size, config.hidden_size, name="patch_embedding")(x)
+    if pooling == "token":
+        x = layers.ClassToken(name="class_token")(x)
+    grid_size = (images.shape[1] // config.patch_size, images.shape[2] // config.patch_size)
+    x = layers.AddPositionEmbedding(
+        grid_size, num_prefix_tokens=1 if pooling == "token" else 0, name="position_embedding"
+    )(x)
+    return keras.layers.Dropout(dropout_rate, name="embedding_dropout")(x)
+
+
+def _head(features, representation_size, num_classes):
+    """Pooled features (B, D) -> float32 logits (B, num_classes), or features without a head.
+
+    Args:
+        features: (B, D), the pooled encoder output.
+        representation_size: width of the pre-logits Dense + tanh before the head; None for
+            none.
+        num_classes: classes of the head; None for no head.
+
+    Returns:
+        float32 logits (B, num_classes); without a head the float32 features (B, D) or
+        (B, representation_size).
+    """
+    x = features
     if representation_size:
         x = keras.layers.Dense(
             representation_size, activation="tanh", kernel_initializer="lecun_normal",
             name="pre_logits",
         )(x)
-    if include_top:
-        # The head is zero-initialized (big_vision's default, the paper's fine-tuning recipe)
-        # and computes in float32, so logits are float32 under any policy.
-        x = keras.layers.Dense(
-            num_classes, kernel_initializer="zeros", dtype="float32", name="head"
-        )(x)
-    else:
-        x = keras.layers.Activation("linear", dtype="float32", name="features")(x)
-    return keras.Model(images, x, name=name)
+    if num_classes is None:
+        return keras.layers.Activation("linear", dtype="float32", name="features")(x)
+    # The head is zero-initialized (big_vision's default, the paper's fine-tuning recipe)
+    # and computes in float32, so logits are float32 under any policy.
+    return keras.layers.Dense(
+        num_classes, kernel_initializer="zeros", dtype="float32", name="head"
+    )(x)
 
 
 class _EncoderWithAttention(keras.layers.Layer):

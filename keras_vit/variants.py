@@ -1,4 +1,5 @@
-"""The ViT model sizes of the paper (Table 1) and the names they go by.
+"""The ViT model sizes of the paper (Table 1), the names they go by, and the other choices of
+the architecture that are checked before anything is built: pooling and image size.
 
 A variant is "SIZE/PATCH" ("B/16"); "ViT-B/16" and "b16" mean the same. This is the only place
 that knows the table, as big_vision's `decode_variant` is there.
@@ -53,6 +54,10 @@ SIZES = {
 # The patch sizes with published checkpoints; any other patch size is a custom ViTConfig.
 VARIANTS = ("Ti/16", "S/16", "S/32", "B/8", "B/16", "B/32", "L/16", "L/32", "H/14")
 
+# How the encoder output becomes one vector per image: "token", the class token's output
+# (Eq. 4); "gap", global average pooling of the patch tokens (the model has no class token).
+POOLINGS = ("token", "gap")
+
 _VARIANT_PATTERN = re.compile(r"^(?:vit[-_]?)?(ti|s|b|l|h)[/_-]?(\d+)$", re.IGNORECASE)
 # A custom size written as short_name writes it: d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch>.
 _CUSTOM_PATTERN = re.compile(r"^d(\d+)_l(\d+)_h(\d+)_m(\d+)_p(\d+)$")
@@ -95,3 +100,36 @@ def short_name(config):
         f"d{config.hidden_size}_l{config.num_layers}_h{config.num_heads}"
         f"_m{config.mlp_dim}_p{config.patch_size}"
     )
+
+
+def check_pooling(pooling):
+    """Raises ValueError unless `pooling` is one of `POOLINGS`."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+
+
+def image_shape(image_size, patch_size):
+    """The (height, width) in pixels of `image_size`, checked against the patch size.
+
+    Args:
+        image_size: side of a square image in pixels, or (height, width).
+        patch_size: side P of the square patches in pixels.
+
+    Returns:
+        (height, width), both multiples of `patch_size`; the patch grid is
+        (height / P, width / P).
+
+    Raises:
+        ValueError: a side is not a multiple of `patch_size`.
+    """
+    if isinstance(image_size, int):
+        height, width = image_size, image_size
+    else:
+        height, width = (int(side) for side in image_size)
+    for side in (height, width):
+        if side % patch_size:
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of the patch size "
+                f"{patch_size}; choose e.g. {patch_size * (side // patch_size)}."
+            )
+    return height, width

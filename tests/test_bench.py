@@ -33,7 +33,9 @@ sys.meta_path.insert(0, _NoTensorFlow())
 
 def _run(args, env_overrides=None, prelude=""):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env_overrides or {})}
-    code = (prelude + "import runpy, sys; sys.argv = sys.argv[1:]; "
+    # As `python SCRIPT` runs it: the script's own folder first on sys.path (for bench/timing.py).
+    code = (prelude + "import os, runpy, sys; sys.argv = sys.argv[1:]; "
+            "sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0]))); "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
     result = subprocess.run(
         [sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import keras_vit
+from pipelines.errors import MissingFileError, UserError
 from vit_reference import forward, random_checkpoint, relative_error
 
 TINY = dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
@@ -128,11 +129,19 @@ def test_not_a_checkpoint(tmp_path):
     text.write_text("this is not a zip archive")
     with pytest.raises(keras_vit.CheckpointError, match="notes.npz is not a readable .npz"):
         keras_vit.from_npz(str(text))
-    with pytest.raises(keras_vit.CheckpointError, match="does not exist"):
+    with pytest.raises(keras_vit.CheckpointError, match="does not exist") as missing:
         keras_vit.from_npz(str(tmp_path / "absent.npz"))
+    # A user's error (the command line prints it as one line), and a missing file.
+    assert isinstance(missing.value, UserError)
+    assert isinstance(missing.value, MissingFileError) and isinstance(missing.value, FileNotFoundError)
     other = _write(tmp_path, {"weights": np.zeros(3)}, "other.npz")
     with pytest.raises(keras_vit.CheckpointError, match="missing.*embedding/kernel"):
         keras_vit.from_npz(other)
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as stream:
+        np.save(stream, np.zeros(3, np.float32))  # np.save's .npy layout, under an .npz name
+    with pytest.raises(keras_vit.CheckpointError, match="single.npz holds a single array"):
+        keras_vit.from_npz(str(single))
 
 
 def test_unknown_override_is_refused(tmp_path):

@@ -12,7 +12,7 @@ def test_b16_224_matches_the_hand_count():
     #   one block: 197 x (3·768² + 768² + 2·768·3072) + 2·197²·768 = 1,453,954,560
     #   12 blocks                                                  = 17,447,454,720
     #   head 768 x 1000                                            =        768,000
-    #   total 17,563,828,224 multiply-adds = 35,127,656,448 FLOP (the issue's ~35.1 GFLOP).
+    #   total 17,563,828,224 multiply-adds = 35,127,656,448 FLOP (~35.1 GFLOP, bench/model.py's header).
     assert flops.forward_flops("B/16", image_size=224, num_classes=1000) == 35_127_656_448
 
 

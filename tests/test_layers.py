@@ -1,5 +1,7 @@
 """The layers one by one: shapes, the equations they stand for, and get_config round trips."""
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -101,6 +103,25 @@ def test_attention_and_block_round_trip():
     pooling = layers.TokenPooling("gap")
     np.testing.assert_allclose(pooling(tokens), tokens.mean(axis=1), atol=1e-6)
     assert_config_round_trip(pooling, tokens)
+
+
+def test_mlp_block_is_dense_gelu_dense():
+    # Truth: Eq. 3's MLP written out in NumPy, with the tanh GELU of flax.linen.gelu (default)
+    # and the exact erf GELU (approximate=False).
+    tokens = _tokens(2, 5, 8)
+    for approximate in (True, False):
+        mlp = layers.MlpBlock(mlp_dim=16, approximate=approximate)
+        inferred = np.asarray(mlp(tokens))  # On TensorFlow: the fused MatMul + BiasAdd + GELU path.
+        hidden = tokens @ mlp.dense_1.kernel.numpy() + mlp.dense_1.bias.numpy()
+        if approximate:
+            gelu = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden ** 3)))
+        else:
+            gelu = 0.5 * hidden * (1 + np.vectorize(math.erf)(hidden / np.sqrt(2)))
+        expected = gelu @ mlp.dense_2.kernel.numpy() + mlp.dense_2.bias.numpy()
+        np.testing.assert_allclose(inferred, expected, rtol=1e-5, atol=1e-6)
+        # Training takes Keras's Dense and the float32 GELU (no dropout here).
+        np.testing.assert_allclose(mlp(tokens, training=True), expected, rtol=1e-5, atol=1e-6)
+        assert_config_round_trip(mlp, tokens)
 
 
 def test_stochastic_depth_drops_whole_examples():

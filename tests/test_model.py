@@ -8,15 +8,15 @@ import keras_vit
 
 TINY = keras_vit.ViTConfig(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
 
-# Parameter counts stated in the foundation issue (1000 classes, token pooling, no
-# representation layer); by hand for B/16: patch 590,592 + cls 768 + posemb 151,296
+# Parameter counts of the README's table (1000 classes, token pooling, no representation
+# layer); by hand for B/16: patch 590,592 + cls 768 + posemb 151,296
 # + 12 blocks x 7,087,872 + final norm 1,536 + head 769,000 = 86,567,656.
 PARAMETER_COUNTS = {
     "Ti/16": 5_717_416,
     "S/16": 22_050_664,
     "B/16": 86_567_656,
 }
-# H/14: the issue's 630,764,800 is the count without the head (timm's vit_huge_patch14_224 with
+# H/14: 630,764,800 is the count without the head (timm's vit_huge_patch14_224 with
 # num_classes=0 reports the same); with the 1000-class head, 1280 x 1000 + 1000 = 1,281,000 more,
 # 632,045,800, the paper's "632M".
 HEAVY_PARAMETER_COUNTS = {"L/16": (304_326_632, None), "H/14": (632_045_800, 630_764_800)}

@@ -2,12 +2,12 @@
 
 Keras 3 writes each optimizer update with `keras.ops`: on TensorFlow, AdamW runs about ten
 element-wise ops per variable (decay, two moment updates, the step), each a full pass over the
-variable's memory plus a temporary. For ViT-B/16 (86M float32 parameters) that is ~290 ms per
-step on the 2-core development CPU, 8% of a batch-8 training step. TensorFlow has the same
-updates as single kernels (`ResourceApplyAdam`, `ResourceApplyKerasMomentum`; they also have XLA
-and TPU implementations): these classes call them, with the decoupled weight decay applied in
-the same per-variable update step, which takes the optimizer from ~260 to ~120 ms
-(bench/NOTES.md). Under XLA (`jit_compile=True`) there is no gain: XLA fuses Keras's ops itself.
+variable's memory plus a temporary. TensorFlow has the same updates as single kernels
+(`ResourceApplyAdam`, `ResourceApplyKerasMomentum`; they also have XLA and TPU
+implementations): these classes call them, with the decoupled weight decay applied in the same
+per-variable update step, which about halves the optimizer's time on ViT-B/16 (bench/NOTES.md
+has the measurements). Under XLA (`jit_compile=True`) there is no gain: XLA fuses Keras's ops
+itself.
 
 The arithmetic is Keras's, to float32 rounding (tests/test_fused_optimizers.py compares every
 step with `keras.optimizers.AdamW` / `SGD`; the MirroredStrategy and multi-worker training
