@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.test_train_helpers import REPO, subprocess_env
+from tests.train_helpers import REPO, subprocess_env
 
 DEMO_ROOT = "/tmp/keras_vit"
 

@@ -58,7 +58,7 @@ def main():
 
 @pytest.mark.slow
 def test_two_logical_devices_match_one_device():
-    from tests.test_train_helpers import REPO, subprocess_env
+    from tests.train_helpers import REPO, subprocess_env
 
     result = subprocess.run([sys.executable, __file__], capture_output=True, text=True,
                             timeout=300, env=subprocess_env(), cwd=REPO)

@@ -2,7 +2,7 @@
 
 Also watches keras-team/keras#20585 (`Model.fit` under MultiWorkerMirroredStrategy fails with
 "Attempt to convert a value (PerReplica...) to a Tensor"): the plain-fit check fails once a
-Keras release fixes it, the signal to narrow strategy.FIT_BUG_KERAS_VERSIONS.
+Keras release fixes it, the signal to narrow multi_worker_fix.FIT_BUG_KERAS_VERSIONS.
 """
 
 import json
@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-from keras_vit.training import strategy as strategy_lib
-from tests.test_train_helpers import (REPO, TINY_FLAGS, TRAIN, convert_digits, flag_list,
+from keras_vit.training import multi_worker_fix
+from tests.train_helpers import (REPO, TINY_FLAGS, TRAIN, convert_digits, flag_list,
                                       free_ports, subprocess_env)
 
 
@@ -100,18 +100,18 @@ except ValueError as error:
 
 @pytest.mark.slow
 def test_keras_fit_bug_20585_is_still_there():
-    if not strategy_lib.keras_has_fit_bug():
+    if not multi_worker_fix.keras_has_fit_bug():
         pytest.skip("Keras outside FIT_BUG_KERAS_VERSIONS: the workaround is off; "
                     "test_two_workers_train_to_the_same_weights checks fit works without it.")
     outputs = run_workers([sys.executable, "-c", PLAIN_FIT])
     stdouts = [stdout for _, stdout, _ in outputs]
     assert all("FIT FAILED True" in out for out in stdouts), (
         "Model.fit under MultiWorkerMirroredStrategy now works in this Keras "
-        "(keras-team/keras#20585 fixed?): narrow strategy.FIT_BUG_KERAS_VERSIONS to end before "
+        "(keras-team/keras#20585 fixed?): narrow multi_worker_fix.FIT_BUG_KERAS_VERSIONS to end before "
         f"it and drop the workaround when no supported version needs it. Outputs: {stdouts}")
 
 
 def test_fit_bug_version_range():
-    assert strategy_lib.keras_has_fit_bug("3.15.1")
-    assert not strategy_lib.keras_has_fit_bug("3.16.0")
-    assert not strategy_lib.keras_has_fit_bug("2.15.0")
+    assert multi_worker_fix.keras_has_fit_bug("3.15.1")
+    assert not multi_worker_fix.keras_has_fit_bug("3.16.0")
+    assert not multi_worker_fix.keras_has_fit_bug("2.15.0")

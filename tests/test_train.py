@@ -15,7 +15,8 @@ import pytest
 
 import keras_vit
 from keras_vit.training import ConfigError, TrainConfig, train, validate
-from tests.test_train_helpers import TINY_FLAGS, TRAIN, convert_digits, flag_list, run_train, subprocess_env
+from tests.train_helpers import (REPO, TINY_FLAGS, TRAIN, convert_digits, flag_list, run_train,
+                                 subprocess_env)
 
 
 @pytest.fixture(scope="module")
@@ -57,21 +58,30 @@ def test_validate_names_the_flag(tmp_path, overrides, replicas, flag):
     assert str(error.value).startswith(flag)
 
 
-def test_validate_accepts_the_shipped_configs():
-    from absl import flags
+def flagfile_values(path):
+    """{flag: text, or True for a bare --flag} of a flagfile, nested --flagfile= lines included.
 
-    for name in sorted(os.listdir(os.path.join(os.path.dirname(TRAIN), "..", "configs"))):
-        path = os.path.join(os.path.dirname(TRAIN), "..", "configs", name)
-        values = {}
-        for line in open(path):
-            line = line.strip()
-            if line.startswith("--") and "=" in line:
-                key, value = line[2:].split("=", 1)
-                values[key] = value
-            elif line.startswith("--"):
-                values[line[2:]] = True
-        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-        assert set(values) <= set(fields), f"{name}: unknown flags {set(values) - set(fields)}"
+    Like absl: a nested flagfile's path is relative to the current directory (tools/train.py
+    runs from the repository root), and a later line overrides an earlier one.
+    """
+    values = {}
+    for line in open(path):
+        line = line.strip()
+        if line.startswith("--flagfile="):
+            values.update(flagfile_values(REPO / line[len("--flagfile="):]))
+        elif line.startswith("--") and "=" in line:
+            key, value = line[2:].split("=", 1)
+            values[key] = value
+        elif line.startswith("--"):
+            values[line[2:]] = True
+    return values
+
+
+def test_validate_accepts_the_shipped_configs():
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for path in sorted((REPO / "configs").iterdir()):
+        values = flagfile_values(path)
+        assert set(values) <= set(fields), f"{path.name}: unknown flags {set(values) - set(fields)}"
         typed = {}
         for key, value in values.items():
             default = fields[key].default
@@ -86,7 +96,20 @@ def test_validate_accepts_the_shipped_configs():
         if typed.get("model", "").startswith("npz:"):
             typed["model"] = "B/16"  # the recipe's checkpoint is not here; the rest is checked
         validate(TrainConfig(**typed), num_replicas=1)
-    del flags
+
+
+def test_cifar_configs_expand_to_the_base_recipe_and_their_dataset(monkeypatch):
+    from absl import flags
+
+    monkeypatch.chdir(REPO)  # where tools/train.py runs and absl opens nested flagfiles from
+    base = flagfile_values(REPO / "configs" / "cifar_b16_base.flags")
+    for classes in ("10", "100"):
+        name = f"cifar{classes}_b16.flags"
+        argv = flags.FlagValues().read_flags_from_files(["train.py", f"--flagfile=configs/{name}"])
+        expanded = dict(arg[2:].split("=", 1) for arg in argv[1:])  # absl's own reading
+        assert expanded == flagfile_values(REPO / "configs" / name) == base | {
+            "num_classes": classes, "train_data": f"/data/cifar{classes}",
+            "eval_data": f"/data/cifar{classes}", "model_dir": f"/tmp/keras_vit/cifar{classes}_b16"}
 
 
 def test_command_line_rejects_bad_flags_before_work(tmp_path):
@@ -97,6 +120,16 @@ def test_command_line_rejects_bad_flags_before_work(tmp_path):
     assert not (tmp_path / "m").exists()
     result = run_train(train_data=tmp_path, model_dir=tmp_path / "m", optimizer="lamb")
     assert result.returncode != 0 and "flag --optimizer=lamb" in result.stderr
+
+
+def test_missing_train_data_is_named_without_eval_data(tmp_path):
+    # The data check runs before any model is built, with or without --eval_data.
+    config = tiny_config(str(tmp_path / "missing"), tmp_path / "m", eval_data="")
+    with pytest.raises(ConfigError) as error:
+        train(config)
+    assert str(error.value).startswith(f"--train_data='{tmp_path / 'missing'}'")
+    assert "no such directory" in str(error.value)
+    assert not (tmp_path / "m").exists()
 
 
 def test_tiny_run_writes_the_model_directory(digits, tmp_path):

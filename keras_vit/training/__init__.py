@@ -11,6 +11,7 @@ from keras_vit.training.config import ConfigError, TrainConfig, parse_model, val
 from keras_vit.training.engine import RESULTS_FILENAME, build_model, compile_model, train
 from keras_vit.training.losses import ClassificationLoss
 from keras_vit.training.metrics import TopKAccuracy
+from keras_vit.training.multi_worker_fix import fix_multi_worker_fit
 from keras_vit.training.optimizers import build_optimizer, no_decay_variables
 from keras_vit.training.schedules import WarmupDecay
-from keras_vit.training.strategy import create_strategy, fix_multi_worker_fit, is_chief
+from keras_vit.training.strategy import create_strategy, is_chief

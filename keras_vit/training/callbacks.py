@@ -1,7 +1,7 @@
 """Training callbacks beyond Keras's own: throughput, step bookkeeping, a clear NaN stop,
 checkpoint pruning, and no false "interrupting training" warning after each evaluation.
 
-Keras counts in epochs; tools/train.py makes one Keras epoch = `checkpoint_every_steps`
+Keras counts in epochs; `engine.train` makes one Keras epoch = `checkpoint_every_steps`
 optimizer updates, so an epoch boundary is where BackupAndRestore and ModelCheckpoint save and
 `epoch * updates_per_epoch` is the global update step.
 """
@@ -15,9 +15,15 @@ import keras
 import numpy as np
 from absl import logging
 
+from pipelines.errors import UserError
 
-class TrainingNaNError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+
+class TrainingNaNError(UserError, FloatingPointError):
+    """The training loss became NaN or infinite: a setting to change, so a `UserError`.
+
+    Also a `FloatingPointError`, which it was before `UserError` existed, for code that
+    catches that.
+    """
 
 
 class StepAndThroughput(keras.callbacks.Callback):
@@ -29,14 +35,18 @@ class StepAndThroughput(keras.callbacks.Callback):
     Args:
         global_batch_size: images per micro-step, summed over all replicas.
         steps_per_update: micro-steps per optimizer update (gradient accumulation).
+
+    Attributes:
+        history: (update step, images per second) at the end of each epoch of this run.
+        first_step: the update step this run's first epoch started at (> 0 after a resume).
     """
 
     def __init__(self, global_batch_size, steps_per_update=1):
         super().__init__()
         self.global_batch_size = int(global_batch_size)
         self.steps_per_update = int(steps_per_update)
-        self.history = []  # (update step, images/s) per epoch, for results.json
-        self.first_step = None  # update step of the first epoch of this run (0 unless resumed)
+        self.history = []
+        self.first_step = None
         self._start = None
         self._start_iterations = 0
 
@@ -66,7 +76,15 @@ class StepAndThroughput(keras.callbacks.Callback):
 
 
 class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
-    """Stops at the first NaN/Inf loss with a message saying where and what to try."""
+    """Stops at the first NaN/Inf loss with a message saying where and what to try.
+
+    Args:
+        steps_per_update: micro-steps per optimizer update (gradient accumulation), to report
+            the update, not the micro-step, where the loss went bad.
+
+    Raises:
+        TrainingNaNError: from `on_batch_end`, at the first non-finite loss.
+    """
 
     def __init__(self, steps_per_update=1):
         super().__init__(raise_error=True)
@@ -89,7 +107,14 @@ class PruneCheckpoints(keras.callbacks.Callback):
     """Keeps only the newest `keep` files matching `pattern` after each epoch's save.
 
     Put it after the ModelCheckpoint that writes them. File names must sort in step order (as
-    ModelCheckpoint's zero-padded "ckpt-{step:07d}.weights.h5" do). `keep=0` keeps all.
+    ModelCheckpoint's zero-padded "ckpt-{step:07d}.weights.h5" do).
+
+    Args:
+        pattern: a glob of the checkpoint files, such as "DIR/ckpt-*.weights.h5".
+        keep: how many of the newest files to keep; 0 keeps all.
+
+    Raises:
+        ValueError: `keep` is negative.
     """
 
     def __init__(self, pattern, keep):

@@ -1,7 +1,9 @@
 """`TrainConfig`: every setting of a training run, one field per tools/train.py flag.
 
-`validate` checks a config before any work starts (no TensorFlow op, no file written) and
-raises `ConfigError` naming the flag, what it holds and what would be accepted.
+Each field carries its flag's help text (and, for a choice, the accepted values) in its
+metadata, so tools/train.py defines its flags from this class alone. `validate` checks a config
+before any work starts (no TensorFlow op, no file written) and raises `ConfigError` naming the
+flag, what it holds and what would be accepted.
 """
 
 import dataclasses
@@ -11,71 +13,103 @@ from keras_vit.training.losses import LOSSES
 from keras_vit.training.optimizers import OPTIMIZERS, WEIGHT_DECAY_GROUPS
 from keras_vit.training.schedules import DECAYS
 from keras_vit.training.strategy import STRATEGIES
-from keras_vit.variants import ViTConfig, parse_variant
+from keras_vit.variants import POOLINGS, ViTConfig, parse_variant
 from pipelines.compiled_ops import RESIZE_KERNELS
+from pipelines.errors import UserError
 
+#: --mixed_precision value -> Keras dtype policy (None: the float32 default).
 MIXED_PRECISION = {"none": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-POOLINGS = ("token", "gap")
 AUGMENTS = ("crop_flip", "none")
-# A custom encoder in the form of keras_vit's model names: d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch>.
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An invalid or inconsistent training setting; the message names the flag."""
+
+
+def _flag(default, help_text, choices=None):
+    """A `TrainConfig` field: its default, its flag's help text and, for an enum, its choices."""
+    metadata = {"help": help_text}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """A training run. Field = flag of tools/train.py (see its --help for each meaning)."""
+    """A training run. Field = flag of tools/train.py; `metadata["help"]` says what it means."""
 
-    model: str = "B/16"
-    image_size: int = 224
-    num_classes: int = 0
-    pooling: str = "token"
-    representation_size: int = 0
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    stochastic_depth_rate: float = 0.0
-    train_data: str = ""
-    eval_data: str = ""
-    train_split: str = "train"
-    eval_split: str = "test"
-    prepare_data: str = ""
-    tfds_data_dir: str = ""
-    shuffle_buffer: int = 10_000
-    cache_data: bool = False
-    augment: str = "crop_flip"
-    randaugment: str = ""
-    mixup_alpha: float = 0.0
-    resize_kernel: str = "auto"
-    global_batch_size: int = 512
-    eval_batch_size: int = 0
-    optimizer: str = "sgd"
-    learning_rate: float = 0.03
-    momentum: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
-    weight_decay_exclude: tuple = WEIGHT_DECAY_GROUPS
-    warmup_steps: int = 500
-    total_steps: int = 10_000
-    decay: str = "cosine"
-    end_learning_rate: float = 0.0
-    grad_clip_norm: float = 1.0
-    grad_accum_steps: int = 1
-    label_smoothing: float = 0.0
-    loss: str = "softmax"
-    mixed_precision: str = "none"
-    jit_compile: bool = False
-    steps_per_execution: int = 1
-    strategy: str = "auto"
-    tpu: str = ""
-    model_dir: str = ""
-    eval_every_steps: int = 1000
-    checkpoint_every_steps: int = 1000
-    keep_checkpoints: int = 5
-    seed: int = 0
-    deterministic: bool = False
+    model: str = _flag(
+        "B/16", "B/16 (any keras_vit variant), npz:PATH (a Google checkpoint to fine-tune), or "
+                "d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch> for a custom size.")
+    image_size: int = _flag(
+        224, "Training and eval resolution in pixels (multiple of the patch size).")
+    num_classes: int = _flag(
+        0, "Classes of the head; 0 = from the training data's dataset_info.json.")
+    pooling: str = _flag(
+        "token", "token (class token) or gap (global average pooling).", POOLINGS)
+    representation_size: int = _flag(
+        0, "Width of the pre-logits Dense+tanh layer (pre-training); 0 = none.")
+    dropout_rate: float = _flag(0.0, "Dropout after embeddings, attention and MLP.")
+    attention_dropout_rate: float = _flag(0.0, "Dropout on attention probabilities.")
+    stochastic_depth_rate: float = _flag(0.0, "Drop-path rate of the last block.")
+    train_data: str = _flag(
+        "", "Converted directory, TFRecord pattern or tfds:NAME (pipelines.build_dataset).")
+    eval_data: str = _flag("", "Same for evaluation; empty = no evaluation.")
+    train_split: str = _flag("train", "Split of --train_data to train on.")
+    eval_split: str = _flag("test", "Split of --eval_data to evaluate on.")
+    prepare_data: str = _flag(
+        "", "A converter source (e.g. digits:) to convert into --train_data/--eval_data "
+            "when they lack their split; empty = data must exist.")
+    tfds_data_dir: str = _flag("", "Data dir of prepared TFDS datasets.")
+    shuffle_buffer: int = _flag(10_000, "Records in the training shuffle buffer.")
+    cache_data: bool = _flag(
+        False, "Cache the serialized training records in memory (small datasets).")
+    augment: str = _flag(
+        "crop_flip", "crop_flip: Inception crop + horizontal flip (pipelines' training "
+                     "transform); none: the eval preprocessing only, for data a crop or flip "
+                     "would mislabel.", AUGMENTS)
+    randaugment: str = _flag("", "'NUM_LAYERS,MAGNITUDE' such as '2,10'; empty = none.")
+    mixup_alpha: float = _flag(0.0, "Mixup Beta(alpha, alpha); 0 = none.")
+    resize_kernel: str = _flag(
+        "auto", "Training resize+flip: compiled (a C++ op built on first use), tensorflow "
+                "(TF's ops), or auto (compiled where it builds). See docs/data.md.",
+        RESIZE_KERNELS)
+    global_batch_size: int = _flag(
+        512, "Images per optimizer update, over all replicas and accumulation steps.")
+    eval_batch_size: int = _flag(
+        0, "Global eval batch; 0 = global_batch_size / grad_accum_steps.")
+    optimizer: str = _flag("sgd", "sgd (momentum), adam or adamw.", OPTIMIZERS)
+    learning_rate: float = _flag(0.03, "Peak learning rate (after warmup).")
+    momentum: float = _flag(0.9, "SGD momentum.")
+    beta1: float = _flag(0.9, "Adam beta1.")
+    beta2: float = _flag(0.999, "Adam beta2.")
+    weight_decay: float = _flag(0.0, "Decoupled weight decay (w -= lr * wd * w); 0 = none.")
+    weight_decay_exclude: tuple = _flag(
+        WEIGHT_DECAY_GROUPS, "Variable groups without weight decay: bias, norm, embedding.")
+    warmup_steps: int = _flag(500, "Updates of linear warmup.")
+    total_steps: int = _flag(10_000, "Optimizer updates of the whole run.")
+    decay: str = _flag("cosine", "cosine, linear or constant decay after warmup.", DECAYS)
+    end_learning_rate: float = _flag(0.0, "Learning rate reached at --total_steps.")
+    grad_clip_norm: float = _flag(1.0, "Clip gradients to this global norm; 0 = no clipping.")
+    grad_accum_steps: int = _flag(
+        1, "Micro-batches averaged per update (memory: batch / this per pass).")
+    label_smoothing: float = _flag(0.0, "Label smoothing epsilon.")
+    loss: str = _flag("softmax", "softmax or sigmoid cross-entropy.", LOSSES)
+    mixed_precision: str = _flag(
+        "none", "none, bfloat16 or float16 (Keras mixed policy; logits/loss in float32).",
+        MIXED_PRECISION)
+    jit_compile: bool = _flag(False, "Compile the train step with XLA.")
+    steps_per_execution: int = _flag(1, "Micro-steps per tf.function call.")
+    strategy: str = _flag("auto", "auto, default, mirrored, multi_worker or tpu.", STRATEGIES)
+    tpu: str = _flag("", "TPU name or grpc:// address ('local' on a TPU VM).")
+    model_dir: str = _flag("", "Checkpoints, logs, backup, model.keras, results.json.")
+    eval_every_steps: int = _flag(
+        1000, "Evaluate every this many updates (a multiple of checkpoint_every_steps).")
+    checkpoint_every_steps: int = _flag(1000, "Back up and checkpoint every this many updates.")
+    keep_checkpoints: int = _flag(
+        5, "Keep the newest N files in MODEL_DIR/checkpoints (0 = all).")
+    seed: int = _flag(0, "Seed of initialization, data order and augmentation.")
+    deterministic: bool = _flag(False, "Deterministic input pipeline (slower).")
 
     @property
     def micro_batch_size(self):
@@ -84,7 +118,19 @@ class TrainConfig:
 
 
 def parse_model(model):
-    """"B/16" -> ViTConfig; "d64_l4_h4_m128_p4" -> custom ViTConfig; "npz:PATH" -> "PATH"."""
+    """Reads the --model flag.
+
+    Args:
+        model: a keras_vit variant name such as "B/16"; a custom encoder in the form of
+            keras_vit's model names, d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch> (e.g.
+            "d64_l4_h4_m128_p4"); or "npz:PATH", a Google checkpoint to fine-tune.
+
+    Returns:
+        The `ViTConfig` of a variant or custom encoder, or the checkpoint's PATH (a str).
+
+    Raises:
+        ValueError, TypeError: `model` is none of these forms.
+    """
     if model.startswith("npz:"):
         return model[len("npz:"):]
     return parse_variant(model)
@@ -94,88 +140,154 @@ def _fail(flag, value, expected):
     raise ConfigError(f"--{flag}={value!r}: {expected}")
 
 
-def _choice(config, flag, choices):
-    value = getattr(config, flag)
-    if value not in choices:
-        _fail(flag, value, f"expected one of {', '.join(choices)}.")
+def _check_model(config):
+    """--model parses, and --image_size is a whole number of its patches."""
+    try:
+        parsed = parse_model(config.model)
+    except (ValueError, TypeError) as error:
+        _fail("model", config.model, f"{error} Or npz:PATH for a checkpoint.")
+    if isinstance(parsed, ViTConfig) and config.image_size % parsed.patch_size:
+        _fail("image_size", config.image_size,
+              f"must be a multiple of the patch size {parsed.patch_size} of "
+              f"--model={config.model}.")
+
+
+def _check_counts(config):
+    """Sizes, steps and intervals are positive; the ones where 0 means "none/auto" are >= 0."""
+    for flag in ("image_size", "global_batch_size", "total_steps", "eval_every_steps",
+                 "checkpoint_every_steps", "grad_accum_steps", "steps_per_execution"):
+        if getattr(config, flag) <= 0:
+            _fail(flag, getattr(config, flag), "must be a positive integer.")
+    for flag in ("num_classes", "representation_size", "warmup_steps", "eval_batch_size",
+                 "shuffle_buffer"):
+        if getattr(config, flag) < 0:
+            _fail(flag, getattr(config, flag), "must be >= 0.")
+
+
+_FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+
+
+def _check_choices(config, *flags):
+    """Each of `flags` holds one of the choices in its field's metadata."""
+    for flag in flags:
+        value, choices = getattr(config, flag), _FIELDS[flag].metadata["choices"]
+        if value not in choices:
+            _fail(flag, value, f"expected one of {', '.join(choices)}.")
+
+
+def _check_augment_options(config):
+    """RandAugment and mixup act on top of the crop+flip transform, not on eval preprocessing."""
+    if config.augment == "none" and (config.randaugment or config.mixup_alpha):
+        _fail("augment", config.augment,
+              "--randaugment and --mixup_alpha need --augment=crop_flip.")
+
+
+def _check_weight_decay_exclude(config):
+    unknown = set(config.weight_decay_exclude) - set(WEIGHT_DECAY_GROUPS)
+    if unknown:
+        _fail("weight_decay_exclude", ",".join(config.weight_decay_exclude),
+              f"unknown group(s) {sorted(unknown)}; "
+              f"expected any of {', '.join(WEIGHT_DECAY_GROUPS)}.")
+
+
+def _check_float_ranges(config):
+    """Probabilities and decay rates are in [0, 1); rates, norms and coefficients are >= 0."""
+    for flag in ("dropout_rate", "attention_dropout_rate", "stochastic_depth_rate",
+                 "label_smoothing"):
+        if not 0.0 <= getattr(config, flag) < 1.0:
+            _fail(flag, getattr(config, flag), "must be in [0, 1).")
+    for flag in ("learning_rate", "weight_decay", "grad_clip_norm", "mixup_alpha",
+                 "end_learning_rate", "momentum"):
+        if getattr(config, flag) < 0:
+            _fail(flag, getattr(config, flag), "must be >= 0.")
+    for flag in ("beta1", "beta2"):
+        if not 0.0 <= getattr(config, flag) < 1.0:
+            _fail(flag, getattr(config, flag), "must be in [0, 1).")
+
+
+def _check_required_paths(config):
+    if not config.train_data:
+        _fail("train_data", config.train_data, "required: a directory written by "
+              "tools/convert_data.py, a TFRecord file pattern, or tfds:NAME.")
+    if not config.model_dir:
+        _fail("model_dir", config.model_dir, "required: where checkpoints, logs and the model go.")
+
+
+def _check_warmup(config):
+    if config.warmup_steps >= config.total_steps:
+        _fail("warmup_steps", config.warmup_steps,
+              f"must be smaller than --total_steps={config.total_steps}.")
+
+
+def _check_batch_divisibility(config, num_replicas):
+    """Every replica gets the same whole micro-batch, in training and in evaluation."""
+    per_update = num_replicas * config.grad_accum_steps
+    if config.global_batch_size % per_update:
+        _fail("global_batch_size", config.global_batch_size,
+              f"must be divisible by replicas ({num_replicas}) x --grad_accum_steps "
+              f"({config.grad_accum_steps}) = {per_update}, so every replica "
+              "gets the same whole micro-batch.")
+    eval_batch = config.eval_batch_size or config.micro_batch_size
+    if eval_batch % num_replicas:
+        _fail("eval_batch_size", config.eval_batch_size,
+              f"the eval batch ({eval_batch}) must be divisible by the {num_replicas} replicas.")
+
+
+def _check_chunks(config):
+    """Checkpoints, evaluations and tf.function calls line up with the chunks `fit` runs in."""
+    if config.keep_checkpoints < 0:
+        _fail("keep_checkpoints", config.keep_checkpoints,
+              "expected >= 1 (the newest checkpoints/ files kept), or 0 to keep all.")
+    if config.total_steps % config.checkpoint_every_steps:
+        _fail("checkpoint_every_steps", config.checkpoint_every_steps,
+              f"must divide --total_steps={config.total_steps} (training runs in chunks of "
+              "--checkpoint_every_steps updates; a killed run resumes at a chunk boundary).")
+    if config.eval_every_steps % config.checkpoint_every_steps:
+        _fail("eval_every_steps", config.eval_every_steps,
+              f"must be a multiple of --checkpoint_every_steps={config.checkpoint_every_steps}.")
+    micro_steps = config.checkpoint_every_steps * config.grad_accum_steps
+    if micro_steps % config.steps_per_execution:
+        _fail("steps_per_execution", config.steps_per_execution,
+              f"must divide --checkpoint_every_steps x --grad_accum_steps = "
+              f"{micro_steps} micro-steps.")
+
+
+def _check_randaugment_format(config):
+    if config.randaugment and not re.fullmatch(r"\d+,\d+", config.randaugment):
+        _fail("randaugment", config.randaugment, "expected 'NUM_LAYERS,MAGNITUDE' such as '2,10'.")
+
+
+def _check_tpu(config):
+    if config.strategy == "tpu" and not config.tpu:
+        _fail("tpu", config.tpu, "--strategy=tpu needs --tpu (the TPU name or grpc:// address, "
+              "'local' on a TPU VM).")
 
 
 def validate(config, num_replicas=1):
-    """Raises ConfigError for the first bad or inconsistent setting; returns `config`."""
-    c = config
-    try:
-        parsed = parse_model(c.model)
-    except (ValueError, TypeError) as error:
-        _fail("model", c.model, f"{error} Or npz:PATH for a checkpoint.")
-    if isinstance(parsed, ViTConfig) and c.image_size % parsed.patch_size:
-        _fail("image_size", c.image_size,
-              f"must be a multiple of the patch size {parsed.patch_size} of --model={c.model}.")
-    for flag in ("image_size", "global_batch_size", "total_steps", "eval_every_steps",
-                 "checkpoint_every_steps", "grad_accum_steps", "steps_per_execution"):
-        if getattr(c, flag) <= 0:
-            _fail(flag, getattr(c, flag), "must be a positive integer.")
-    for flag in ("num_classes", "representation_size", "warmup_steps", "eval_batch_size",
-                 "shuffle_buffer"):
-        if getattr(c, flag) < 0:
-            _fail(flag, getattr(c, flag), "must be >= 0.")
-    _choice(c, "pooling", POOLINGS)
-    _choice(c, "augment", AUGMENTS)
-    _choice(c, "resize_kernel", RESIZE_KERNELS)
-    if c.augment == "none" and (c.randaugment or c.mixup_alpha):
-        _fail("augment", c.augment, "--randaugment and --mixup_alpha need --augment=crop_flip.")
-    _choice(c, "optimizer", OPTIMIZERS)
-    _choice(c, "decay", DECAYS)
-    _choice(c, "loss", LOSSES)
-    _choice(c, "mixed_precision", tuple(MIXED_PRECISION))
-    _choice(c, "strategy", STRATEGIES)
-    unknown = set(c.weight_decay_exclude) - set(WEIGHT_DECAY_GROUPS)
-    if unknown:
-        _fail("weight_decay_exclude", ",".join(c.weight_decay_exclude),
-              f"unknown group(s) {sorted(unknown)}; expected any of {', '.join(WEIGHT_DECAY_GROUPS)}.")
-    for flag in ("dropout_rate", "attention_dropout_rate", "stochastic_depth_rate",
-                 "label_smoothing"):
-        if not 0.0 <= getattr(c, flag) < 1.0:
-            _fail(flag, getattr(c, flag), "must be in [0, 1).")
-    for flag in ("learning_rate", "weight_decay", "grad_clip_norm", "mixup_alpha",
-                 "end_learning_rate", "momentum"):
-        if getattr(c, flag) < 0:
-            _fail(flag, getattr(c, flag), "must be >= 0.")
-    for flag in ("beta1", "beta2"):
-        if not 0.0 <= getattr(c, flag) < 1.0:
-            _fail(flag, getattr(c, flag), "must be in [0, 1).")
-    if not c.train_data:
-        _fail("train_data", c.train_data, "required: a directory written by tools/convert_data.py, "
-              "a TFRecord file pattern, or tfds:NAME.")
-    if not c.model_dir:
-        _fail("model_dir", c.model_dir, "required: where checkpoints, logs and the model go.")
-    if c.warmup_steps >= c.total_steps:
-        _fail("warmup_steps", c.warmup_steps, f"must be smaller than --total_steps={c.total_steps}.")
-    if c.global_batch_size % (num_replicas * c.grad_accum_steps):
-        _fail("global_batch_size", c.global_batch_size,
-              f"must be divisible by replicas ({num_replicas}) x --grad_accum_steps "
-              f"({c.grad_accum_steps}) = {num_replicas * c.grad_accum_steps}, so every replica "
-              "gets the same whole micro-batch.")
-    eval_batch = c.eval_batch_size or c.micro_batch_size
-    if eval_batch % num_replicas:
-        _fail("eval_batch_size", c.eval_batch_size,
-              f"the eval batch ({eval_batch}) must be divisible by the {num_replicas} replicas.")
-    if c.keep_checkpoints < 0:
-        _fail("keep_checkpoints", c.keep_checkpoints,
-              "expected >= 1 (the newest checkpoints/ files kept), or 0 to keep all.")
-    if c.total_steps % c.checkpoint_every_steps:
-        _fail("checkpoint_every_steps", c.checkpoint_every_steps,
-              f"must divide --total_steps={c.total_steps} (training runs in chunks of "
-              "--checkpoint_every_steps updates; a killed run resumes at a chunk boundary).")
-    if c.eval_every_steps % c.checkpoint_every_steps:
-        _fail("eval_every_steps", c.eval_every_steps,
-              f"must be a multiple of --checkpoint_every_steps={c.checkpoint_every_steps}.")
-    if (c.checkpoint_every_steps * c.grad_accum_steps) % c.steps_per_execution:
-        _fail("steps_per_execution", c.steps_per_execution,
-              f"must divide --checkpoint_every_steps x --grad_accum_steps = "
-              f"{c.checkpoint_every_steps * c.grad_accum_steps} micro-steps.")
-    if c.randaugment and not re.fullmatch(r"\d+,\d+", c.randaugment):
-        _fail("randaugment", c.randaugment, "expected 'NUM_LAYERS,MAGNITUDE' such as '2,10'.")
-    if c.strategy == "tpu" and not c.tpu:
-        _fail("tpu", c.tpu, "--strategy=tpu needs --tpu (the TPU name or grpc:// address, "
-              "'local' on a TPU VM).")
+    """Checks every setting of a run before any work starts.
+
+    Args:
+        config: the `TrainConfig` to check.
+        num_replicas: replicas of the strategy the run will use (batches must split evenly).
+
+    Returns:
+        `config`, unchanged.
+
+    Raises:
+        ConfigError: the first bad or inconsistent setting, in the order of the checks below;
+            the message starts with `--FLAG=VALUE:`.
+    """
+    _check_model(config)
+    _check_counts(config)
+    _check_choices(config, "pooling", "augment", "resize_kernel")
+    _check_augment_options(config)
+    _check_choices(config, "optimizer", "decay", "loss", "mixed_precision", "strategy")
+    _check_weight_decay_exclude(config)
+    _check_float_ranges(config)
+    _check_required_paths(config)
+    _check_warmup(config)
+    _check_batch_divisibility(config, num_replicas)
+    _check_chunks(config)
+    _check_randaugment_format(config)
+    _check_tpu(config)
     return config

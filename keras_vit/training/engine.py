@@ -8,6 +8,7 @@ Structure of a run (MODEL_DIR layout in keras_vit/loading.py and docs/training.m
   final evaluation -> results.json, model.keras, class_names.json (chief only).
 """
 
+import contextlib
 import json
 import os
 import statistics
@@ -19,13 +20,15 @@ from absl import logging
 
 import pipelines
 from keras_vit.checkpoints import from_npz
-from keras_vit.loading import MODEL_FILENAME, write_class_names
+from keras_vit.class_names import fallback_class_names, write_class_names
+from keras_vit.loading import MODEL_FILENAME
 from keras_vit.model import create_model
 from keras_vit.training import callbacks as callbacks_lib
 from keras_vit.training import strategy as strategy_lib
 from keras_vit.training.config import MIXED_PRECISION, ConfigError, parse_model, validate
 from keras_vit.training.losses import ClassificationLoss
 from keras_vit.training.metrics import TopKAccuracy
+from keras_vit.training.multi_worker_fix import fix_multi_worker_fit
 from keras_vit.training.optimizers import build_optimizer
 from keras_vit.training.schedules import WarmupDecay
 
@@ -33,7 +36,15 @@ RESULTS_FILENAME = "results.json"
 
 
 def prepare_data(config, strategy):
-    """Converts --prepare_data into --train_data / --eval_data when they lack their split."""
+    """Converts --prepare_data into --train_data / --eval_data when they lack their split.
+
+    Args:
+        config: the `TrainConfig`; nothing happens when its `prepare_data` is empty.
+        strategy: the run's strategy; workers of a multi-worker cluster cannot convert.
+
+    Raises:
+        ConfigError: a split is missing under a multi-worker strategy.
+    """
     if not config.prepare_data:
         return
     targets = [(config.train_data, config.train_split)]
@@ -54,7 +65,16 @@ def prepare_data(config, strategy):
 
 
 def build_model(config, num_classes):
-    """The ViT of --model (a variant, a custom d.._l.._h.._m.._p.. size, or npz:PATH)."""
+    """The ViT of --model (a variant, a custom d.._l.._h.._m.._p.. size, or npz:PATH).
+
+    Args:
+        config: the `TrainConfig` (model, image size, pooling, dropout rates).
+        num_classes: K, the width of the head.
+
+    Returns:
+        A `keras.Model` from images `(batch, image_size, image_size, 3)` to logits
+        `(batch, K)`; from an npz checkpoint, with its encoder's weights and a zero head.
+    """
     parsed = parse_model(config.model)
     dropout = dict(
         dropout_rate=config.dropout_rate,
@@ -78,7 +98,17 @@ _AUGMENT_MODES = {"crop_flip": "inception_crop", "none": "none"}
 
 
 def make_datasets(config, strategy, num_classes):
-    """(train, eval or None) distributed datasets; batches are per replica inside."""
+    """The training and evaluation data, distributed over `strategy`'s replicas.
+
+    Args:
+        config: the `TrainConfig` (data sources, splits, batch sizes, augmentation).
+        strategy: the `tf.distribute.Strategy`; each input pipeline reads its own shard.
+        num_classes: K, for the labels (one-hot `(batch, K)` under mixup).
+
+    Returns:
+        (train, eval): distributed datasets of `(images, labels)` batches, per replica
+        `micro_batch_size / replicas` images for training; eval is None without --eval_data.
+    """
     tfds_dir = config.tfds_data_dir or None
 
     def train_fn(context):
@@ -123,7 +153,16 @@ def make_datasets(config, strategy, num_classes):
 
 
 def compile_model(model, config, num_classes):
-    """Attaches optimizer (with the schedule), loss and top-1/top-5 metrics; call in scope."""
+    """Attaches optimizer (with the schedule), loss and top-1/top-5 metrics; call in scope.
+
+    Args:
+        model: the `keras.Model` of `build_model`, built under the strategy's scope.
+        config: the `TrainConfig` (optimizer, schedule, loss, compilation settings).
+        num_classes: K; top-5 accuracy is tracked only when K > 5.
+
+    Returns:
+        `model`, compiled.
+    """
     schedule = WarmupDecay(
         config.learning_rate,
         total_steps=config.total_steps,
@@ -158,7 +197,17 @@ def compile_model(model, config, num_classes):
 
 
 def make_callbacks(config, strategy, chief):
-    """The callback list; shared files are written by the chief only."""
+    """The callbacks of `fit`; the model directory's shared files are written by the chief only.
+
+    Args:
+        config: the `TrainConfig` (model directory, batch and checkpoint settings).
+        strategy: the run's strategy; each non-chief worker backs up into its own folder.
+        chief: whether this process is the chief (see `strategy.is_chief`).
+
+    Returns:
+        (callbacks, throughput): the list for `fit`, and its `StepAndThroughput`, whose
+        history holds the images/s of each chunk.
+    """
     task_type, task_id = strategy_lib.worker_index(strategy)
     backup_dir = os.path.join(config.model_dir, "backup")
     if not chief:
@@ -187,37 +236,53 @@ def make_callbacks(config, strategy, chief):
     return callbacks, throughput
 
 
-def _metric(logs, name):
-    value = logs.get(name)
-    return None if value is None else float(value)
-
-
-def train(config):
-    """Runs the training of `config` (a TrainConfig); returns the results dict.
+def _create_strategy(config):
+    """The strategy of --strategy, once the config is known to fit its replicas.
 
     Raises:
-        ConfigError: a bad setting (before any work starts when it can be told from flags).
-        callbacks.TrainingNaNError: the loss became NaN/Inf.
+        ConfigError: the batches do not split over its replicas, or --steps_per_execution > 1
+            under MultiWorkerMirroredStrategy.
     """
-    validate(config)
     strategy = strategy_lib.create_strategy(config.strategy, config.tpu or None)
-    replicas = strategy.num_replicas_in_sync
-    validate(config, replicas)
+    validate(config, strategy.num_replicas_in_sync)
     if strategy_lib.is_multi_worker(strategy) and config.steps_per_execution > 1:
         # Measured with Keras 3.15: the multi-step loop fails under MultiWorkerMirroredStrategy
         # ("You must feed a value for placeholder tensor ... multi_step_on_iterator").
         raise ConfigError(f"--steps_per_execution={config.steps_per_execution}: must be 1 under "
                           "MultiWorkerMirroredStrategy (Keras's multi-step loop fails there).")
-    chief = strategy_lib.is_chief(strategy)
     logging.info("Strategy %s with %d replica(s); this process is %s.",
-                 type(strategy).__name__, replicas, "the chief" if chief else "a worker")
-    prepare_data(config, strategy)
-    if config.eval_data:
-        for flag in ("train_data", "eval_data"):
-            source = getattr(config, flag)
-            if not source.startswith("tfds:") and not tf.io.gfile.glob(source) and not tf.io.gfile.isdir(source):
-                raise ConfigError(f"--{flag}={source!r}: no such directory or file pattern. "
-                                  "Convert data with tools/convert_data.py or use --prepare_data.")
+                 type(strategy).__name__, strategy.num_replicas_in_sync,
+                 "the chief" if strategy_lib.is_chief(strategy) else "a worker")
+    return strategy
+
+
+def check_data_sources(config):
+    """Fails early, before a model is built, on a --train_data or a set --eval_data that names
+    nothing.
+
+    Raises:
+        ConfigError: naming the flag whose directory or file pattern does not exist.
+    """
+    flags = ("train_data", "eval_data") if config.eval_data else ("train_data",)
+    for flag in flags:
+        source = getattr(config, flag)
+        if source.startswith("tfds:") or tf.io.gfile.glob(source) or tf.io.gfile.isdir(source):
+            continue
+        raise ConfigError(f"--{flag}={source!r}: no such directory or file pattern. "
+                          "Convert data with tools/convert_data.py or use --prepare_data.")
+
+
+def _training_class_names(config):
+    """The class names of the head and the size of the training split.
+
+    Returns:
+        (class_names, num_train): --num_classes names (the training data's own when it
+        records as many, `fallback_class_names` otherwise; without --num_classes, the
+        data's), and the examples in the training split (None when the source does not say).
+
+    Raises:
+        ConfigError: --num_classes=0 and the training data records no class names.
+    """
     class_names, num_train = pipelines.describe_source(
         config.train_data, config.train_split, config.tfds_data_dir or None
     )
@@ -229,66 +294,148 @@ def train(config):
         logging.warning("--num_classes=%d but %s names %d classes; using generic names.",
                         num_classes, config.train_data, len(class_names))
         class_names = None
-    class_names = class_names or [str(index) for index in range(num_classes)]
-    keras.utils.set_random_seed(config.seed)
+    return class_names or fallback_class_names(num_classes), num_train
 
-    previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(MIXED_PRECISION[config.mixed_precision] or "float32")
+
+@contextlib.contextmanager
+def _dtype_policy(name):
+    """Sets Keras's global dtype policy to `name` for the block, then restores the previous one."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
     try:
-        with strategy.scope():
-            model = build_model(config, num_classes)
-            compile_model(model, config, num_classes)
-        strategy_lib.fix_multi_worker_fit(model, strategy)
-        train_data, eval_data = make_datasets(config, strategy, num_classes)
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _build_for_strategy(config, strategy, num_classes):
+    """The compiled model, its variables placed by `strategy`, ready for `fit`."""
+    with strategy.scope():
+        model = build_model(config, num_classes)
+        compile_model(model, config, num_classes)
+    fix_multi_worker_fit(model, strategy)
+    return model
+
+
+def _fit(model, config, datasets, callbacks, verbose):
+    """`model.fit` for --total_steps updates in Keras epochs of --checkpoint_every_steps.
+
+    Returns:
+        The seconds `fit` took (tracing and compilation included).
+    """
+    train_data, eval_data = datasets
+    updates_per_epoch = config.checkpoint_every_steps
+    start = time.perf_counter()
+    model.fit(
+        train_data,
+        epochs=config.total_steps // updates_per_epoch,
+        steps_per_epoch=updates_per_epoch * config.grad_accum_steps,
+        validation_data=eval_data,
+        validation_freq=config.eval_every_steps // updates_per_epoch,
+        callbacks=callbacks,
+        shuffle=False,  # the input pipeline shuffles
+        verbose=verbose,
+    )
+    return time.perf_counter() - start
+
+
+def _final_evaluation(model, eval_data, verbose):
+    """The metrics of the trained model on --eval_data ({} without eval data)."""
+    if eval_data is None:
+        return {}
+    return model.evaluate(eval_data, return_dict=True, verbose=verbose,
+                          callbacks=[callbacks_lib.QuietEndOfEvaluationData()])
+
+
+def _metric(logs, name):
+    value = logs.get(name)
+    return None if value is None else float(value)
+
+
+def _evaluation_results(evaluation):
+    return {
+        "eval_top1": _metric(evaluation, "top1"),
+        "eval_top5": _metric(evaluation, "top5"),
+        "eval_loss": _metric(evaluation, "loss"),
+    }
+
+
+def _progress_results(model, config, throughput, train_seconds):
+    """Updates reached, where this run started, and speed (images/s, the median over chunks)."""
+    steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    rates = [rate for _, rate in throughput.history]
+    return {
+        "steps": steps,
+        "total_steps": config.total_steps,
+        # Update step this process started training from: > 0 when it resumed from backup/.
+        "resumed_from_step": throughput.first_step if throughput.first_step is not None else steps,
+        # The first chunk of a run includes tracing/compilation; leave it out when others exist.
+        "train_images_per_sec": statistics.median(rates[1:] or rates) if rates else None,
+        "train_seconds": train_seconds,
+    }
+
+
+def _setup_results(config, strategy, num_classes, num_train):
+    """What the run ran on: batch, replicas, classes, data size and library versions."""
+    return {
+        "global_batch_size": config.global_batch_size,
+        "num_replicas": strategy.num_replicas_in_sync,
+        "strategy": type(strategy).__name__,
+        "num_classes": num_classes,
+        "num_train_examples": num_train,
+        "keras_version": keras.version(),
+        "tensorflow_version": tf.__version__,
+    }
+
+
+def write_model_directory(model, class_names, results, model_dir):
+    """Writes model.keras, class_names.json and results.json into `model_dir`."""
+    os.makedirs(model_dir, exist_ok=True)
+    # An inference copy of the graph (same layers, no optimizer or compile state), so
+    # loading it needs nothing from keras_vit.training.
+    inference = keras.Model(model.inputs, model.outputs, name=model.name)
+    inference.save(os.path.join(model_dir, MODEL_FILENAME))
+    write_class_names(class_names, model_dir)
+    with open(os.path.join(model_dir, RESULTS_FILENAME), "w") as stream:
+        json.dump(results, stream, indent=1)
+
+
+def train(config):
+    """Runs the training of `config`.
+
+    Args:
+        config: a `TrainConfig`.
+
+    Returns:
+        The results dict, also written to MODEL_DIR/results.json by the chief: eval_top1,
+        eval_top5 (fractions in [0, 1]) and eval_loss (None without --eval_data), steps
+        (updates reached), resumed_from_step, train_images_per_sec, train_seconds, and what
+        the run ran on (batch, replicas, strategy, classes, library versions).
+
+    Raises:
+        ConfigError: a bad setting (before any work starts when it can be told from flags).
+        callbacks.TrainingNaNError: the loss became NaN/Inf.
+    """
+    validate(config)
+    strategy = _create_strategy(config)
+    prepare_data(config, strategy)
+    check_data_sources(config)
+    class_names, num_train = _training_class_names(config)
+    num_classes = len(class_names)
+    chief = strategy_lib.is_chief(strategy)
+    verbose = 1 if chief else 0
+    keras.utils.set_random_seed(config.seed)
+    with _dtype_policy(MIXED_PRECISION[config.mixed_precision] or "float32"):
+        model = _build_for_strategy(config, strategy, num_classes)
+        datasets = make_datasets(config, strategy, num_classes)
         callbacks, throughput = make_callbacks(config, strategy, chief)
-        updates_per_epoch = config.checkpoint_every_steps
-        epochs = config.total_steps // updates_per_epoch
-        start = time.perf_counter()
-        model.fit(
-            train_data,
-            epochs=epochs,
-            steps_per_epoch=updates_per_epoch * config.grad_accum_steps,
-            validation_data=eval_data,
-            validation_freq=config.eval_every_steps // updates_per_epoch,
-            callbacks=callbacks,
-            shuffle=False,  # the input pipeline shuffles
-            verbose=1 if chief else 0,
-        )
-        train_seconds = time.perf_counter() - start
-        steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-        evaluation = {}
-        if eval_data is not None:
-            evaluation = model.evaluate(eval_data, return_dict=True, verbose=1 if chief else 0,
-                                        callbacks=[callbacks_lib.QuietEndOfEvaluationData()])
-        rates = [rate for _, rate in throughput.history]
+        train_seconds = _fit(model, config, datasets, callbacks, verbose)
+        evaluation = _final_evaluation(model, datasets[1], verbose)
         results = {
-            "eval_top1": _metric(evaluation, "top1"),
-            "eval_top5": _metric(evaluation, "top5"),
-            "eval_loss": _metric(evaluation, "loss"),
-            "steps": steps,
-            "total_steps": config.total_steps,
-            # Update step this process started training from: > 0 when it resumed from backup/.
-            "resumed_from_step": throughput.first_step if throughput.first_step is not None else steps,
-            # The first chunk of a run includes tracing/compilation; leave it out when others exist.
-            "train_images_per_sec": statistics.median(rates[1:] or rates) if rates else None,
-            "train_seconds": train_seconds,
-            "global_batch_size": config.global_batch_size,
-            "num_replicas": replicas,
-            "strategy": type(strategy).__name__,
-            "num_classes": num_classes,
-            "num_train_examples": num_train,
-            "keras_version": keras.version(),
-            "tensorflow_version": tf.__version__,
+            **_evaluation_results(evaluation),
+            **_progress_results(model, config, throughput, train_seconds),
+            **_setup_results(config, strategy, num_classes, num_train),
         }
         if chief:
-            os.makedirs(config.model_dir, exist_ok=True)
-            # An inference copy of the graph (same layers, no optimizer or compile state), so
-            # loading it needs nothing from keras_vit.training.
-            inference = keras.Model(model.inputs, model.outputs, name=model.name)
-            inference.save(os.path.join(config.model_dir, MODEL_FILENAME))
-            write_class_names(class_names, config.model_dir)
-            with open(os.path.join(config.model_dir, RESULTS_FILENAME), "w") as stream:
-                json.dump(results, stream, indent=1)
-        return results
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+            write_model_directory(model, class_names, results, config.model_dir)
+    return results

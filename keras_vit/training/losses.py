@@ -14,7 +14,16 @@ LOSSES = ("softmax", "sigmoid")
 
 
 def to_dense_labels(labels, num_classes):
-    """int `(batch,)` or `(batch, 1)` -> float32 one-hot `(batch, num_classes)`; soft labels as is."""
+    """Labels as float32 class probabilities.
+
+    Args:
+        labels: int class indices `(batch,)` or `(batch, 1)`, or soft labels
+            `(batch, num_classes)` (mixup).
+        num_classes: K, the number of classes.
+
+    Returns:
+        float32 `(batch, K)`: one-hot rows for indices, soft labels unchanged but cast.
+    """
     if len(labels.shape) == 2 and labels.shape[-1] == num_classes:
         return ops.cast(labels, "float32")
     labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
@@ -25,12 +34,18 @@ def to_dense_labels(labels, num_classes):
 class ClassificationLoss(keras.losses.Loss):
     """Softmax or sigmoid cross-entropy from logits, with label smoothing.
 
+    Called with labels (int `(batch,)` or soft `(batch, K)`) and logits `(batch, K)`, it
+    returns float32 `(batch,)` per example, which Keras reduces to the batch mean.
+
     Args:
         kind: "softmax" or "sigmoid".
         num_classes: K, the width of the logits `(batch, K)`.
-        label_smoothing: eps; targets become `y * (1 - eps) + eps / K` for softmax and
-            `y * (1 - eps) + eps / 2` for sigmoid (Keras's conventions).
-    Returns per example: float32 `(batch,)` (reduced to the batch mean by Keras).
+        label_smoothing: eps in [0, 1); targets become `y * (1 - eps) + eps / K` for softmax
+            and `y * (1 - eps) + eps / 2` for sigmoid (Keras's conventions).
+        name, reduction, dtype: as for `keras.losses.Loss`.
+
+    Raises:
+        ValueError: `kind` is not one of LOSSES, or `label_smoothing` is outside [0, 1).
     """
 
     def __init__(self, kind="softmax", num_classes=1000, label_smoothing=0.0, name=None,

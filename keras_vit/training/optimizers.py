@@ -22,9 +22,17 @@ WEIGHT_DECAY_GROUPS = ("bias", "norm", "embedding")
 def no_decay_variables(model, groups=WEIGHT_DECAY_GROUPS):
     """The trainable variables of `model` in the named groups.
 
-    Groups: "bias" (every layer's `bias`), "norm" (LayerNormalization gamma and beta),
-    "embedding" (position embedding and class token; the patch projection is a kernel and is
-    decayed, as in big_vision).
+    Args:
+        model: a built `keras.Model` (a keras_vit ViT).
+        groups: any of WEIGHT_DECAY_GROUPS: "bias" (every layer's `bias`), "norm"
+            (LayerNormalization gamma and beta), "embedding" (position embedding and class
+            token; the patch projection is a kernel and is decayed, as in big_vision).
+
+    Returns:
+        A list of the variables, each once.
+
+    Raises:
+        ValueError: a group is not one of WEIGHT_DECAY_GROUPS.
     """
     unknown = set(groups) - set(WEIGHT_DECAY_GROUPS)
     if unknown:
@@ -78,6 +86,13 @@ def build_optimizer(
         global_clipnorm: clip the gradients to this global L2 norm (None: no clipping).
         gradient_accumulation_steps: average the gradients of this many micro-batches before
             each update (1: none).
+
+    Returns:
+        The optimizer, not yet built (Keras builds it on the first update).
+
+    Raises:
+        ValueError: an unknown `name`, `gradient_accumulation_steps` < 1, or weight decay
+            with exclusions but no `model`.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")

@@ -33,6 +33,10 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         decay: "cosine", "linear" or "constant".
         end_learning_rate: value reached at `total_steps` (the paper decays to 0).
         steps_per_update: micro-steps per optimizer update (the gradient accumulation steps).
+
+    Raises:
+        ValueError: an unknown `decay`, `total_steps` <= 0, `warmup_steps` outside
+            [0, total_steps), or `steps_per_update` < 1.
     """
 
     def __init__(self, base_learning_rate, total_steps, warmup_steps=0, decay="cosine",
@@ -55,6 +59,8 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.steps_per_update = int(steps_per_update)
 
     def __call__(self, step):
+        """The learning rate at micro-step `step` (the optimizer's iteration counter), a float32
+        scalar tensor."""
         update = ops.floor_divide(ops.cast(step, "int64"), self.steps_per_update)
         update = ops.cast(update, "float32")
         multiplier = 1.0

@@ -39,6 +39,7 @@ def convert_digits(directory):
 
 
 def flag_list(**flags):
+    """absl command-line arguments of `flags`: --name=value, and --name / --noname for a bool."""
     args = []
     for name, value in flags.items():
         if isinstance(value, bool):
@@ -49,6 +50,7 @@ def flag_list(**flags):
 
 
 def subprocess_env(**extra):
+    """The environment of a tool run as a subprocess: the repository importable, CPU only."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO),
                CUDA_VISIBLE_DEVICES="")
     env.update(extra)
@@ -56,11 +58,13 @@ def subprocess_env(**extra):
 
 
 def run_train(timeout=300, env=None, **flags):
+    """Runs tools/train.py with `flags` from the repository root; returns the CompletedProcess."""
     return subprocess.run([sys.executable, TRAIN, *flag_list(**flags)], capture_output=True,
                           text=True, timeout=timeout, env=env or subprocess_env(), cwd=REPO)
 
 
 def free_ports(count):
+    """`count` TCP ports on 127.0.0.1 that were free a moment ago (for a local cluster)."""
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
