@@ -230,7 +230,7 @@ def test_tool_reports_an_unreachable_server_and_bad_flags(tmp_path):
     image.write_bytes(tf.io.encode_png(tf.zeros([4, 4, 3], tf.uint8)).numpy())
     # Port 9 (discard) on localhost: nothing serves there, the connection is refused.
     result = _run_tool("--server=localhost:9", "--timeout=5", str(image))
-    assert result.returncode == 1
+    assert result.returncode == 2  # a ServingError is a UserError: one line, cli's status 2
     assert "Could not reach TF Serving at http://localhost:9/v1/models/vit:predict" in result.stderr
     result = _run_tool("--signature=predict_pixels", str(image))
     assert result.returncode != 0 and "needs --image_size" in result.stderr

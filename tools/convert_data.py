@@ -11,15 +11,12 @@ See docs/data.md for the record format and the sources.
 """
 
 import json
-import os
-import sys
 
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import pipelines  # noqa: E402
-from keras_vit import cli  # noqa: E402
+import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-up)
+import pipelines
+from keras_vit import cli
 
 _SOURCE = flags.DEFINE_string(
     "source", None, "KIND:PATH: folder:DIR, cifar10:PATH, cifar100:PATH, tfds:NAME or digits:.",
@@ -53,5 +50,10 @@ def main(argv):
                       "num_classes": info["num_classes"]}))
 
 
-if __name__ == "__main__":
+def run():
+    """Console script `keras-vit-convert-data`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

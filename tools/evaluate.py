@@ -10,18 +10,15 @@ Every example of the split is seen exactly once, the final partial batch include
 """
 
 import json
-import os
-import sys
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import pipelines  # noqa: E402
-from keras_vit import evaluation, load_classifier  # noqa: E402
-from keras_vit.analysis import figures  # noqa: E402
-from keras_vit.training.strategy import STRATEGIES, create_strategy  # noqa: E402
-from keras_vit import cli  # noqa: E402
+import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-up)
+import pipelines
+from keras_vit import class_names as class_names_lib, evaluation, load_classifier
+from keras_vit.analysis import figures
+from keras_vit.training.strategy import STRATEGIES, create_strategy
+from keras_vit import cli
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A .keras file, an .npz checkpoint or a training model directory.",
@@ -69,21 +66,23 @@ def main(argv):
         raise app.UsageError(
             f"{_DATA.value} has {len(data_class_names)} classes but the model's head has "
             f"{num_classes} outputs; evaluate with a model trained on this dataset.")
-    class_names = evaluation.resolve_class_names(
+    class_names = class_names_lib.resolve_class_names(
         num_classes, class_names or (data_class_names if data_class_names and
                                      len(data_class_names) == num_classes else None))
 
+    # One counter per input pipeline (one per worker), summed after the pass.
     bad_record_counters = []
 
     def dataset_fn(input_context):
+        counter = pipelines.BadRecordCounter()
+        bad_record_counters.append(counter)
         batch_size = input_context.get_per_replica_batch_size(_BATCH_SIZE.value)
-        dataset = pipelines.build_dataset(
+        return pipelines.build_dataset(
             _DATA.value, split=_SPLIT.value, image_size=image_size, batch_size=batch_size,
             input_context=input_context, training=False, num_classes=num_classes,
             label_offset=_LABEL_OFFSET.value, central_crop_fraction=_CENTRAL_CROP.value,
-            on_bad_record=_ON_BAD_RECORD.value, tfds_data_dir=_TFDS_DATA_DIR.value)
-        bad_record_counters.append(dataset.bad_records)
-        return dataset
+            on_bad_record=_ON_BAD_RECORD.value, tfds_data_dir=_TFDS_DATA_DIR.value,
+            bad_record_counter=counter)
 
     counts, stats = evaluation.evaluate(model, dataset_fn, strategy=strategy,
                                         num_classes=num_classes)
@@ -110,5 +109,10 @@ def main(argv):
         print(f"Wrote {_CONFUSION_PNG.value}")
 
 
-if __name__ == "__main__":
+def run():
+    """Console script `keras-vit-evaluate`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

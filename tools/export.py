@@ -10,18 +10,13 @@ float32 pixels in [0, 255]); see docs/serving.md for serving and querying it.
 
 import json
 import os
-import sys
 
-# The serving graph decodes images with TF ops: export runs on the TensorFlow backend.
-os.environ["KERAS_BACKEND"] = "tensorflow"
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import keras_vit  # noqa: E402
-from keras_vit import serving  # noqa: E402
-from keras_vit import cli  # noqa: E402
+import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-up)
+import keras_vit
+from keras_vit import serving
+from keras_vit import cli
 
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Training model directory (model.keras, class_names.json).")
@@ -76,5 +71,10 @@ def main(argv):
     }))
 
 
-if __name__ == "__main__":
+def run():
+    """Console script `keras-vit-export`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

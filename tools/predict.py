@@ -9,15 +9,12 @@ evaluation (pipelines.preprocess_for_eval).
 """
 
 import json
-import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from keras_vit import evaluation, load_classifier  # noqa: E402
-from keras_vit import cli  # noqa: E402
+import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-up)
+from keras_vit import class_names as class_names_lib, inference, load_classifier
+from keras_vit import cli
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A .keras file, an .npz checkpoint or a training model directory.",
@@ -37,10 +34,10 @@ def main(argv):
         raise app.UsageError("Give one or more image files: predict.py --checkpoint=PATH IMAGE...")
     model, class_names = load_classifier(
         _CHECKPOINT.value, image_size=_IMAGE_SIZE.value, class_names_path=_LABELS.value)
-    class_names = evaluation.resolve_class_names(int(model.output_shape[-1]), class_names)
-    images = evaluation.load_images(paths, int(model.input_shape[1]), _CENTRAL_CROP.value)
-    indices, probabilities = evaluation.top_k_predictions(
-        evaluation.predict_logits(model, images), _TOP_K.value)
+    class_names = class_names_lib.resolve_class_names(int(model.output_shape[-1]), class_names)
+    images = inference.load_images(paths, int(model.input_shape[1]), _CENTRAL_CROP.value)
+    indices, probabilities = inference.top_k_predictions(
+        inference.predict_logits(model, images), _TOP_K.value)
     for path, top_indices, top_probabilities in zip(paths, indices, probabilities):
         predictions = [
             {"class": class_names[i], "index": int(i), "probability": float(p)}
@@ -55,5 +52,10 @@ def main(argv):
                   f"({prediction['index']})")
 
 
-if __name__ == "__main__":
+def run():
+    """Console script `keras-vit-predict`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

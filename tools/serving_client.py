@@ -12,14 +12,12 @@ With --signature=predict_pixels the files are decoded and resized here, by the s
 import json
 import os
 import pathlib
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from keras_vit.serving import client  # noqa: E402
-from keras_vit import cli  # noqa: E402
+import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-up)
+from keras_vit.serving import client
+from keras_vit import cli
 
 _SERVER = flags.DEFINE_string(
     "server", None, "host:port of TF Serving. Default: localhost:8501 (REST) / localhost:8500 (gRPC).")
@@ -63,16 +61,18 @@ def main(argv):
     grpc = _PROTOCOL.value == "grpc"
     server = _SERVER.value or ("localhost:8500" if grpc else "localhost:8501")
     predict = client.predict_grpc if grpc else client.predict_rest
-    try:
-        predictions = predict(server, _MODEL_NAME.value, version=_MODEL_VERSION.value,
-                              timeout=_TIMEOUT.value, signature_name=_SIGNATURE.value, **inputs)
-    except client.ServingError as error:
-        sys.exit(f"error: {error}")
+    predictions = predict(server, _MODEL_NAME.value, version=_MODEL_VERSION.value,
+                          timeout=_TIMEOUT.value, signature_name=_SIGNATURE.value, **inputs)
     for path, prediction in zip(paths, predictions):
         print(json.dumps({"file": path, "labels": prediction.labels,
                           "scores": [round(score, 6) for score in prediction.scores],
                           "classes": prediction.classes}))
 
 
-if __name__ == "__main__":
+def run():
+    """Console script `keras-vit-serving-client`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -15,19 +15,17 @@ See docs/analysis.md.
 """
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import pipelines  # noqa: E402
-from keras_vit import analysis, evaluation, load_classifier  # noqa: E402
-from keras_vit.analysis import figures  # noqa: E402
-from keras_vit import cli  # noqa: E402
-
-KINDS = ("attention", "posemb", "attention_distance", "curves")
+import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-up)
+import keras_vit
+import pipelines
+from keras_vit import analysis, inference, load_classifier
+from keras_vit import class_names as class_names_lib
+from keras_vit.analysis import figures
+from keras_vit import cli
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A .keras file, an .npz checkpoint or a training model directory.")
@@ -58,7 +56,7 @@ def _model():
 def _images(paths, image_size):
     """(images (B, S, S, 3) in [0, 255], titles) from files, else from --data."""
     if paths:
-        return evaluation.load_images(paths, image_size), [os.path.basename(p) for p in paths]
+        return inference.load_images(paths, image_size), [os.path.basename(p) for p in paths]
     if not _DATA.value:
         raise app.UsageError("Give image files after KIND, or --data=SOURCE.")
     dataset = pipelines.build_dataset(
@@ -76,9 +74,9 @@ def draw_attention(paths):
     maps = analysis.rollout_map(
         analysis.attention_rollout(attention, _RESIDUAL_WEIGHT.value), grid_size,
         num_prefix_tokens)
-    class_names = evaluation.resolve_class_names(int(model.output_shape[-1]), class_names)
-    indices, probabilities = evaluation.top_k_predictions(
-        evaluation.predict_logits(model, images), 1)
+    class_names = class_names_lib.resolve_class_names(int(model.output_shape[-1]), class_names)
+    indices, probabilities = inference.top_k_predictions(
+        inference.predict_logits(model, images), 1)
     titles = [f"{title}: {class_names[i[0]]} ({p[0]:.2f})"
               for title, i, p in zip(titles, indices, probabilities)]
     return figures.attention_figure(images, maps, titles)
@@ -116,23 +114,37 @@ def draw_curves(paths):
         logdir = os.path.join(_CHECKPOINT.value, "logs")
     groups = analysis.group_curves(analysis.read_scalars(logdir), _X_AXIS.value)
     if not groups:
-        raise ValueError(
+        raise keras_vit.UserError(
             f"{logdir} has no loss, accuracy or learning-rate scalars per {_X_AXIS.value}; "
             f"try --x_axis={'step' if _X_AXIS.value == 'epoch' else 'epoch'}.")
     return figures.curves_figure(groups, _X_AXIS.value, title=logdir)
 
 
+#: KIND -> the function that draws it from the image files given after KIND.
+DRAW = {
+    "attention": draw_attention,
+    "posemb": draw_posemb,
+    "attention_distance": draw_attention_distance,
+    "curves": draw_curves,
+}
+
+
 def main(argv):
-    if len(argv) < 2 or argv[1] not in KINDS:
+    if len(argv) < 2 or argv[1] not in DRAW:
         found = argv[1] if len(argv) > 1 else "nothing"
-        raise app.UsageError(f"KIND must be one of {', '.join(KINDS)}; got {found}.")
+        raise app.UsageError(f"KIND must be one of {', '.join(DRAW)}; got {found}.")
     kind, paths = argv[1], argv[2:]
     if paths and kind in ("posemb", "curves"):
         raise app.UsageError(f"{kind} takes no image files, got {paths}.")
-    figure = globals()[f"draw_{kind}"](paths)
+    figure = DRAW[kind](paths)
     figures.save(figure, _OUTPUT.value)
     print(f"Wrote {_OUTPUT.value} ({figures.panel_count(figure)} panels)")
 
 
-if __name__ == "__main__":
+def run():
+    """Console script `keras-vit-visualize`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -15,7 +15,6 @@ from keras_vit.serving.export import (
     build_archive,
     existing_versions,
     export_classifier,
-    generic_class_names,
     next_version,
     variables_bytes,
     weight_bytes,

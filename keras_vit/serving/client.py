@@ -29,12 +29,14 @@ from keras_vit.serving.signatures import (
     PIXELS_SIGNATURE,
     SERVING_SIGNATURE,
 )
+from pipelines.errors import MissingExtraError, UserError
 
 _INPUT_OF_SIGNATURE = {SERVING_SIGNATURE: BYTES_INPUT, PIXELS_SIGNATURE: PIXELS_INPUT}
 
 
-class ServingError(RuntimeError):
-    """The server answered with an error, or with something that is not a prediction."""
+class ServingError(UserError, RuntimeError):
+    """The server answered with an error, or with something that is not a prediction, or
+    could not be reached."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +52,10 @@ def _require_grpc_api():
     try:
         from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
     except ImportError as error:
-        raise ImportError(
+        raise MissingExtraError(
             "gRPC requests need the tensorflow-serving-api package, which is not installed: "
-            "`pip install tensorflow-serving-api` (same minor version as tensorflow), or use "
-            "the REST protocol."
+            "`pip install -e \".[serving]\"` (or `pip install tensorflow-serving-api`, the same "
+            "minor version as tensorflow), or use the REST protocol."
         ) from error
     return predict_pb2, prediction_service_pb2_grpc
 

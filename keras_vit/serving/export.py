@@ -37,6 +37,7 @@ import tensorflow as tf
 from absl import logging
 
 import pipelines
+from keras_vit.class_names import fallback_class_names
 from keras_vit.serving.signatures import (
     BYTES_INPUT,
     CLASS_NAMES_ASSET,
@@ -44,6 +45,7 @@ from keras_vit.serving.signatures import (
     PIXELS_SIGNATURE,
     SERVING_SIGNATURE,
 )
+from pipelines.errors import UserError
 
 # Variables may exceed the weights by the checkpoint index (names, shapes, checksums): 10% plus
 # a fixed allowance that only matters for toy models. A duplicated export is 2x.
@@ -52,7 +54,7 @@ _INDEX_ALLOWANCE_BYTES = 16 * 1024
 _TEMP_PREFIX = ".tmp-export-"
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The model, class names or export directory do not allow the export asked for."""
 
 
@@ -67,11 +69,6 @@ class ExportedModel:
     top_k: int
     weight_bytes: int  # the model's weights in memory
     variables_bytes: int  # the SavedModel's variables/ directory on disk
-
-
-def generic_class_names(num_classes: int) -> list[str]:
-    """"class_0" ... "class_{K-1}", the labels when a model comes without class names."""
-    return [f"class_{index}" for index in range(num_classes)]
 
 
 def existing_versions(export_dir: str) -> list[int]:
@@ -121,12 +118,12 @@ def _square_image_size(model: keras.Model) -> int:
 
 def _check_class_names(class_names, num_classes: int) -> list[str]:
     if class_names is None:
-        return generic_class_names(num_classes)
+        return fallback_class_names(num_classes)
     class_names = [str(name) for name in class_names]
     if len(class_names) != num_classes:
         raise ExportError(
             f"{len(class_names)} class names for a model with {num_classes} outputs; pass one name "
-            "per output (or none for generic class_<i> labels)."
+            "per output (or none for the labels class_0, class_1, ...)."
         )
     for index, name in enumerate(class_names):
         if not name or "\n" in name or "\r" in name:
@@ -244,7 +241,7 @@ def export_classifier(
     Args:
         model: the classifier, see `build_archive`. Needs the TensorFlow backend.
         export_dir: the model base path TF Serving watches; created if missing.
-        class_names: one name per output, or None for "class_0", "class_1", ...
+        class_names: one name per output, or None for `fallback_class_names` ("class_0", ...).
         version: positive integer; default: `next_version(export_dir)`. Never overwritten.
         top_k: best classes returned per image; capped at the number of classes.
         central_crop_fraction: see `build_archive`.
@@ -256,60 +253,18 @@ def export_classifier(
         ExportError: non-square model, class names not matching the head, a version that
             exists, or variables larger than the weights allow (duplicated variables).
     """
-    if keras.backend.backend() != "tensorflow":
-        raise ExportError(
-            f"Export needs the TensorFlow backend (the serving graph decodes images with TF "
-            f"ops); KERAS_BACKEND is {keras.backend.backend()!r}. Run with KERAS_BACKEND=tensorflow."
-        )
+    _require_tensorflow_backend()
     num_classes = int(model.output_shape[-1])
     class_names = _check_class_names(class_names, num_classes)
-    if top_k < 1:
-        raise ExportError(f"top_k must be a positive integer, got {top_k}.")
-    if top_k > num_classes:
-        logging.info("top_k=%d capped at the model's %d classes.", top_k, num_classes)
-        top_k = num_classes
-    if version is None:
-        version = next_version(export_dir)
-    elif not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ExportError(f"version must be a positive integer, got {version!r}.")
-    final_path = os.path.join(export_dir, str(version))
-    if os.path.exists(final_path):
-        raise ExportError(
-            f"{final_path} already exists. Versions are immutable (a server may be serving it): "
-            f"choose another version or omit it to use the next free one "
-            f"({next_version(export_dir)})."
-        )
+    top_k = _check_top_k(top_k, num_classes)
+    version, final_path = _new_version_path(export_dir, version)
 
     os.makedirs(export_dir, exist_ok=True)
     temp_path = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=export_dir)
     try:
-        with tempfile.TemporaryDirectory() as names_dir:
-            class_names_path = os.path.join(names_dir, CLASS_NAMES_ASSET)
-            with open(class_names_path, "w", encoding="utf-8") as stream:
-                stream.write("\n".join(class_names) + "\n")
-            archive = build_archive(
-                model, class_names_path, top_k=top_k,
-                central_crop_fraction=central_crop_fraction,
-            )
-            archive.write_out(temp_path, verbose=False)
-        stored = variables_bytes(temp_path)
-        weights = weight_bytes(model)
-        if stored > MAX_VARIABLE_OVERHEAD * weights + _INDEX_ALLOWANCE_BYTES:
-            raise ExportError(
-                f"The SavedModel's variables take {stored} bytes for {weights} bytes of weights "
-                f"(more than {MAX_VARIABLE_OVERHEAD}x): variables were saved more than once "
-                "(keras-team/keras#23553). Do not track the whole model in the ExportArchive."
-            )
-        # rename() is atomic within a file system; it fails if a non-empty version appeared.
-        try:
-            os.rename(temp_path, final_path)
-        except OSError as error:
-            if os.path.exists(final_path):
-                raise ExportError(
-                    f"{final_path} appeared while exporting (another export running at the same "
-                    "time?); nothing was overwritten. Export again for the next free version."
-                ) from error
-            raise
+        _write_saved_model(model, temp_path, class_names, top_k, central_crop_fraction)
+        stored, weights = _check_variables_stored_once(model, temp_path)
+        _publish(temp_path, final_path)
     except BaseException:
         shutil.rmtree(temp_path, ignore_errors=True)
         raise
@@ -324,3 +279,77 @@ def export_classifier(
         weight_bytes=weights,
         variables_bytes=stored,
     )
+
+
+def _require_tensorflow_backend():
+    if keras.backend.backend() != "tensorflow":
+        raise ExportError(
+            f"Export needs the TensorFlow backend (the serving graph decodes images with TF "
+            f"ops); KERAS_BACKEND is {keras.backend.backend()!r}. Run with KERAS_BACKEND=tensorflow."
+        )
+
+
+def _check_top_k(top_k: int, num_classes: int) -> int:
+    """`top_k`, capped at `num_classes`; an ExportError when it is not positive."""
+    if top_k < 1:
+        raise ExportError(f"top_k must be a positive integer, got {top_k}.")
+    if top_k > num_classes:
+        logging.info("top_k=%d capped at the model's %d classes.", top_k, num_classes)
+        return num_classes
+    return top_k
+
+
+def _new_version_path(export_dir: str, version: int | None) -> tuple[int, str]:
+    """(version, export_dir/version) for a version that does not exist yet."""
+    if version is None:
+        version = next_version(export_dir)
+    elif not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ExportError(f"version must be a positive integer, got {version!r}.")
+    final_path = os.path.join(export_dir, str(version))
+    if os.path.exists(final_path):
+        raise ExportError(
+            f"{final_path} already exists. Versions are immutable (a server may be serving it): "
+            f"choose another version or omit it to use the next free one "
+            f"({next_version(export_dir)})."
+        )
+    return version, final_path
+
+
+def _write_saved_model(model, path, class_names, top_k, central_crop_fraction):
+    """Writes the archive of `build_archive` to `path`, the class names as its asset."""
+    with tempfile.TemporaryDirectory() as names_dir:
+        class_names_path = os.path.join(names_dir, CLASS_NAMES_ASSET)
+        with open(class_names_path, "w", encoding="utf-8") as stream:
+            stream.write("\n".join(class_names) + "\n")
+        archive = build_archive(
+            model, class_names_path, top_k=top_k, central_crop_fraction=central_crop_fraction,
+        )
+        archive.write_out(path, verbose=False)
+
+
+def _check_variables_stored_once(model, saved_model_dir) -> tuple[int, int]:
+    """(bytes of variables/ on disk, bytes of the weights); an ExportError when the variables
+    were saved more than once (keras-team/keras#23553)."""
+    stored = variables_bytes(saved_model_dir)
+    weights = weight_bytes(model)
+    if stored > MAX_VARIABLE_OVERHEAD * weights + _INDEX_ALLOWANCE_BYTES:
+        raise ExportError(
+            f"The SavedModel's variables take {stored} bytes for {weights} bytes of weights "
+            f"(more than {MAX_VARIABLE_OVERHEAD}x): variables were saved more than once "
+            "(keras-team/keras#23553). Do not track the whole model in the ExportArchive."
+        )
+    return stored, weights
+
+
+def _publish(temp_path, final_path):
+    """Renames the finished SavedModel to its version directory, atomically."""
+    # rename() is atomic within a file system; it fails if a non-empty version appeared.
+    try:
+        os.rename(temp_path, final_path)
+    except OSError as error:
+        if os.path.exists(final_path):
+            raise ExportError(
+                f"{final_path} appeared while exporting (another export running at the same "
+                "time?); nothing was overwritten. Export again for the next free version."
+            ) from error
+        raise
