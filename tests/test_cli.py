@@ -126,3 +126,22 @@ def test_tool_from_another_directory_reports_a_user_error_in_one_line(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [
         f"error: Checkpoint file {tmp_path}/none.npz does not exist."]
+
+
+def test_tensorflow_info_records_are_dropped_and_the_rest_kept():
+    import logging
+
+    import tensorflow as tf
+
+    tensorflow_dir = os.path.dirname(tf.__file__)
+    drop = keras_vit_tools._TensorFlowInfoFilter(tensorflow_dir)
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    inside = os.path.join(tensorflow_dir, "python", "saved_model", "signature_serialization.py")
+    assert not drop.filter(record(inside, logging.INFO))
+    assert drop.filter(record(inside, logging.WARNING))
+    assert drop.filter(record(str(REPO / "keras_vit" / "serving" / "export.py"), logging.INFO))
+    # A sibling package whose name starts like TensorFlow's is not TensorFlow.
+    assert drop.filter(record(tensorflow_dir + "_datasets/core/x.py", logging.INFO))

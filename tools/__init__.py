@@ -63,7 +63,22 @@ def _quiet_tensorflow(argv):
             captured.seek(0)
             sys.stderr.buffer.write(captured.read())  # what went wrong is shown after all
             raise
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    tensorflow_info = _TensorFlowInfoFilter(os.path.dirname(tf.__file__))
+    logging.getLogger("tensorflow").addFilter(tensorflow_info)
+    logging.getLogger("absl").addFilter(tensorflow_info)  # TensorFlow logs through absl too
+
+
+class _TensorFlowInfoFilter(logging.Filter):
+    """Drops the INFO and DEBUG records of TensorFlow's own modules; keeps warnings, errors and
+    every record of keras_vit and the tools, which log through the same absl logger."""
+
+    def __init__(self, tensorflow_dir):
+        super().__init__()
+        self._tensorflow_dir = tensorflow_dir + os.sep
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(
+            self._tensorflow_dir)
 
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
