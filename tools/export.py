@@ -17,6 +17,7 @@ import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-u
 import keras_vit
 from keras_vit import serving
 from keras_vit import cli
+from keras_vit.serving import export as export_lib
 
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Training model directory (model.keras, class_names.json).")
@@ -34,6 +35,13 @@ _NUM_CLASSES = flags.DEFINE_integer(
 _CENTRAL_CROP_FRACTION = flags.DEFINE_float(
     "central_crop_fraction", None,
     "Central crop of the eval preprocessing (e.g. 0.875); match the evaluation you measured.")
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer(
+    "max_image_pixels", export_lib.DEFAULT_MAX_IMAGE_PIXELS,
+    "serving_default refuses images whose header declares more pixels (height x width), "
+    "before decoding them; 0 for no cap.", lower_bound=0)
+_ALLOW_NON_FINITE = flags.DEFINE_bool(
+    "allow_non_finite_weights", False, "Load a model whose weights hold NaN or Inf (refused by "
+    "default).")
 
 
 def main(argv):
@@ -48,6 +56,7 @@ def main(argv):
         image_size=_IMAGE_SIZE.value,
         num_classes=_NUM_CLASSES.value,
         class_names_path=_CLASS_NAMES.value,
+        allow_non_finite=_ALLOW_NON_FINITE.value,
     )
     if class_names is None:
         logging.warning("No class names found for %s: labels will be class_0, class_1, ...", source)
@@ -58,6 +67,7 @@ def main(argv):
         version=_VERSION.value,
         top_k=_TOP_K.value,
         central_crop_fraction=_CENTRAL_CROP_FRACTION.value,
+        max_image_pixels=_MAX_IMAGE_PIXELS.value or None,
     )
     print(json.dumps({
         "export_path": exported.path,
@@ -66,6 +76,7 @@ def main(argv):
         "image_size": exported.image_size,
         "num_classes": exported.num_classes,
         "top_k": exported.top_k,
+        "max_image_pixels": exported.max_image_pixels,
         "weight_bytes": exported.weight_bytes,
         "variables_bytes": exported.variables_bytes,
     }))

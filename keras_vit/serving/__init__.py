@@ -10,12 +10,14 @@ See docs/serving.md.
 """
 
 from keras_vit.serving.export import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     ExportedModel,
     ExportError,
     build_archive,
     existing_versions,
     export_classifier,
     next_version,
+    remove_stale_exports,
     variables_bytes,
     weight_bytes,
 )

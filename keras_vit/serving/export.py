@@ -19,6 +19,11 @@ Signatures (batch dimension dynamic, -1 in `saved_model_cli`):
                       scores         float32 (batch, top_k)        their probabilities
                       labels         string  (batch, top_k)        their class names
 
+Every request is validated in the graph before any kernel that could abort the process (a
+mis-ranked tensor reaching Conv2D fails a CHECK in TensorFlow and kills the server): TF Serving
+feeds the signature's tensors to the session without checking them against the signature's
+shape. A bad request fails with INVALID_ARGUMENT naming the input; see docs/serving.md.
+
 Built with `keras.export.ExportArchive`, without `track(model)`: the archive then tracks the
 variables its endpoints use, once. Tracking the model as well makes Keras 3.15 write every
 variable twice (keras-team/keras#23553), doubling the SavedModel.
@@ -30,7 +35,9 @@ import dataclasses
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 
 import keras
 import tensorflow as tf
@@ -52,6 +59,12 @@ from pipelines.errors import UserError
 MAX_VARIABLE_OVERHEAD = 1.1
 _INDEX_ALLOWANCE_BYTES = 16 * 1024
 _TEMP_PREFIX = ".tmp-export-"
+# A temporary export directory nothing has written to for this long belongs to a dead export.
+STALE_EXPORT_SECONDS = 3600
+# Default cap on the pixels serving_default decodes, 40 MP (e.g. 7300 x 5470): generous for
+# photos, which are mostly 12-24 MP (a phone's 48 MP mode needs a higher --max_image_pixels).
+# docs/serving.md states the memory an image at the cap costs.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
 class ExportError(UserError):
@@ -69,6 +82,7 @@ class ExportedModel:
     top_k: int
     weight_bytes: int  # the model's weights in memory
     variables_bytes: int  # the SavedModel's variables/ directory on disk
+    max_image_pixels: int | None = None  # serving_default's cap on decoded pixels (None: none)
 
 
 def existing_versions(export_dir: str) -> list[int]:
@@ -152,6 +166,7 @@ def build_archive(
     *,
     top_k: int,
     central_crop_fraction: float | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> keras.export.ExportArchive:
     """An `ExportArchive` holding `model` behind the two serving signatures.
 
@@ -163,9 +178,56 @@ def build_archive(
         top_k: number of best classes in `classes`, `scores` and `labels`, at most num_classes.
         central_crop_fraction: passed to `pipelines.preprocess_for_eval`; must match the
             evaluation pipeline the model was measured with (None: the whole image).
+        max_image_pixels: `serving_default` refuses an image whose header declares more pixels
+            (height x width), before decoding it; None: no cap.
     """
     image_size = _square_image_size(model)
     table = _label_table(class_names_path)
+    classify = _classifier(model, table, image_size, top_k)
+
+    def serve_pixels(images):
+        return classify(_checked_pixels(images, image_size))
+
+    def preprocess(args):
+        image_bytes, index = args
+        context = tf.strings.format(BYTES_INPUT + "[{}]", index)
+        return pipelines.preprocess_for_eval(
+            image_bytes, image_size, central_crop_fraction, context=context,
+            max_image_pixels=max_image_pixels,
+        )
+
+    def serve_image_bytes(image_bytes):
+        image_bytes = _checked_rank(image_bytes, 1, f"{SERVING_SIGNATURE}: input `{BYTES_INPUT}` "
+                                    "must be a string vector (batch,) of encoded images")
+        indices = tf.range(tf.shape(image_bytes, out_type=tf.int64)[0])
+        images = tf.map_fn(
+            preprocess,
+            (image_bytes, indices),
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+        )
+        return classify(images)
+
+    archive = keras.export.ExportArchive()
+    # The table is a resource the signatures capture; tracking it saves it with its asset.
+    archive.track(table)
+    # serving_default first and by name, so Keras does not alias the first endpoint to it.
+    archive.add_endpoint(
+        SERVING_SIGNATURE,
+        serve_image_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)],
+    )
+    archive.add_endpoint(
+        PIXELS_SIGNATURE,
+        serve_pixels,
+        input_signature=[
+            tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=PIXELS_INPUT)
+        ],
+    )
+    return archive
+
+
+def _classifier(model, table, image_size, top_k):
+    """images float32 (batch, size, size, 3) -> the four outputs of both signatures."""
 
     def classify(images):
         # TensorFlow's oneDNN Conv2D mis-shapes a batch of 0 images (the patch embedding then
@@ -188,39 +250,48 @@ def build_archive(
             "labels": table.lookup(tf.cast(classes, tf.int64)),
         }
 
-    def preprocess(args):
-        image_bytes, index = args
-        context = tf.strings.format(BYTES_INPUT + "[{}]", index)
-        return pipelines.preprocess_for_eval(
-            image_bytes, image_size, central_crop_fraction, context=context
-        )
+    return classify
 
-    def serve_image_bytes(image_bytes):
-        indices = tf.range(tf.shape(image_bytes, out_type=tf.int64)[0])
-        images = tf.map_fn(
-            preprocess,
-            (image_bytes, indices),
-            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
-        )
-        return classify(images)
 
-    archive = keras.export.ExportArchive()
-    # The table is a resource the signatures capture; tracking it saves it with its asset.
-    archive.track(table)
-    # serving_default first and by name, so Keras does not alias the first endpoint to it.
-    archive.add_endpoint(
-        SERVING_SIGNATURE,
-        serve_image_bytes,
-        input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)],
-    )
-    archive.add_endpoint(
-        PIXELS_SIGNATURE,
-        classify,
-        input_signature=[
-            tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=PIXELS_INPUT)
-        ],
-    )
-    return archive
+def _runtime_shape(tensor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(int32 rank, int32 shape) of `tensor` as fed, never the static ones the signature declares.
+
+    `tf.shape`/`tf.rank`/`tf.size` return constants when the traced shape is known, so a check
+    written with them would vanish from the graph; raw Rank and Shape ops run on what is fed.
+    """
+    return tf.raw_ops.Rank(input=tensor), tf.raw_ops.Shape(input=tensor, out_type=tf.int32)
+
+
+def _checked_rank(tensor: tf.Tensor, rank: int, message: str) -> tf.Tensor:
+    """`tensor` after an in-graph assertion that it has `rank` dimensions."""
+    actual_rank, shape = _runtime_shape(tensor)
+    assertion = tf.debugging.Assert(
+        tf.equal(actual_rank, rank), [message + "; got shape", shape], summarize=8)
+    with tf.control_dependencies([assertion]):
+        return tf.identity(tensor)
+
+
+def _checked_pixels(images: tf.Tensor, image_size: int) -> tf.Tensor:
+    """`images` after in-graph checks of shape (batch, size, size, 3) and finite values.
+
+    The shape check runs before the finiteness check and both before the model, so no kernel
+    sees a tensor it could abort on. The dtype is checked by TensorFlow itself when fed.
+    """
+    expected = f"(batch, {image_size}, {image_size}, 3)"
+    name = f"{PIXELS_SIGNATURE}: input `{PIXELS_INPUT}`"
+    rank, shape = _runtime_shape(images)
+    # Padded, so that a tensor of any rank compares element by element without failing.
+    padded = tf.concat([shape, tf.fill([4], -1)], axis=0)
+    ok = tf.logical_and(
+        tf.equal(rank, 4),
+        tf.reduce_all(tf.equal(padded[1:4], [image_size, image_size, 3])))
+    assertion = tf.debugging.Assert(
+        ok, [f"{name} must be float32 {expected} RGB pixels in [0, 255]; got shape", shape],
+        summarize=8)
+    with tf.control_dependencies([assertion]):
+        images = tf.identity(images)
+    return tf.debugging.assert_all_finite(
+        images, f"{name} holds NaN or Inf pixels; send RGB values in [0, 255]")
 
 
 def export_classifier(
@@ -231,12 +302,15 @@ def export_classifier(
     version: int | None = None,
     top_k: int = 5,
     central_crop_fraction: float | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ExportedModel:
     """Writes `model` as SavedModel version `version` under `export_dir`, atomically.
 
     The SavedModel is written to a hidden temporary directory inside `export_dir` (TF Serving
     only looks at integer names) and renamed to `export_dir/<version>` when complete, so a
-    serving process polling `export_dir` never loads half a model.
+    serving process polling `export_dir` never loads half a model. The version is readable as
+    the user's umask allows (world-readable under 022), as a TF Serving running as another user
+    needs. Temporary directories left by killed exports are removed first (`remove_stale_exports`).
 
     Args:
         model: the classifier, see `build_archive`. Needs the TensorFlow backend.
@@ -245,25 +319,31 @@ def export_classifier(
         version: positive integer; default: `next_version(export_dir)`. Never overwritten.
         top_k: best classes returned per image; capped at the number of classes.
         central_crop_fraction: see `build_archive`.
+        max_image_pixels: see `build_archive`; default 40 megapixels, None for no cap.
 
     Returns:
         An `ExportedModel` describing what was written.
 
     Raises:
         ExportError: non-square model, class names not matching the head, a version that
-            exists, or variables larger than the weights allow (duplicated variables).
+            exists, a `max_image_pixels` that is not a positive integer, or variables larger
+            than the weights allow (duplicated variables).
     """
     _require_tensorflow_backend()
     num_classes = int(model.output_shape[-1])
     class_names = _check_class_names(class_names, num_classes)
     top_k = _check_top_k(top_k, num_classes)
+    _check_max_image_pixels(max_image_pixels)
     version, final_path = _new_version_path(export_dir, version)
 
     os.makedirs(export_dir, exist_ok=True)
-    temp_path = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=export_dir)
+    remove_stale_exports(export_dir)
+    temp_path = tempfile.mkdtemp(prefix=_temp_prefix(), dir=export_dir)
     try:
-        _write_saved_model(model, temp_path, class_names, top_k, central_crop_fraction)
+        _write_saved_model(model, temp_path, class_names, top_k, central_crop_fraction,
+                           max_image_pixels)
         stored, weights = _check_variables_stored_once(model, temp_path)
+        _apply_umask(temp_path)
         _publish(temp_path, final_path)
     except BaseException:
         shutil.rmtree(temp_path, ignore_errors=True)
@@ -278,6 +358,7 @@ def export_classifier(
         top_k=top_k,
         weight_bytes=weights,
         variables_bytes=stored,
+        max_image_pixels=max_image_pixels,
     )
 
 
@@ -315,7 +396,101 @@ def _new_version_path(export_dir: str, version: int | None) -> tuple[int, str]:
     return version, final_path
 
 
-def _write_saved_model(model, path, class_names, top_k, central_crop_fraction):
+def _check_max_image_pixels(max_image_pixels):
+    if max_image_pixels is not None and (
+            isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int)
+            or max_image_pixels < 1):
+        raise ExportError(
+            f"max_image_pixels must be a positive integer (height x width of the largest image "
+            f"serving_default decodes) or None for no cap, got {max_image_pixels!r}.")
+
+
+def _host_tag() -> str:
+    """This host's name with no '-' (the separator in temporary directory names)."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix() -> str:
+    """`.tmp-export-<host>-<pid>-`: whose export a temporary directory is."""
+    return f"{_TEMP_PREFIX}{_host_tag()}-{os.getpid()}-"
+
+
+def _is_stale(path: str, name: str, now: float) -> bool:
+    """Is the temporary export directory `path` (basename `name`) left by a dead export?
+
+    Dead: its process (named in the directory, on this host) no longer runs, or nothing under
+    it was modified for `STALE_EXPORT_SECONDS` (an export on another host sharing the
+    directory, a reused pid, or a name from an older exporter).
+    """
+    match = re.fullmatch(re.escape(_TEMP_PREFIX) + r"([^-]+)-(\d+)-.+", name)
+    if match and match.group(1) == _host_tag():
+        pid = int(match.group(2))
+        if pid != os.getpid() and not _process_runs(pid):
+            return True
+    newest = os.stat(path).st_mtime
+    for root, dirs, files in os.walk(path):
+        for entry in dirs + files:
+            try:
+                newest = max(newest, os.stat(os.path.join(root, entry)).st_mtime)
+            except OSError:  # removed meanwhile
+                continue
+    return now - newest > STALE_EXPORT_SECONDS
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # runs, as another user
+        return True
+    return True
+
+
+def remove_stale_exports(export_dir: str) -> list[str]:
+    """Removes the `.tmp-export-*` directories of killed exports in `export_dir`; returns them.
+
+    Exports running at the same time (this or another process, this or another host) keep
+    theirs: see `_is_stale` for the rule.
+    """
+    removed = []
+    now = time.time()
+    for name in sorted(os.listdir(export_dir)):
+        path = os.path.join(export_dir, name)
+        if not name.startswith(_TEMP_PREFIX) or not os.path.isdir(path):
+            continue
+        try:
+            stale = _is_stale(path, name, now)
+        except OSError:  # removed by another export meanwhile
+            continue
+        if stale:
+            logging.warning("Removing %s, left by an export that did not finish.", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _current_umask() -> int:
+    # os.umask is the only portable way to read it; restored at once.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def _apply_umask(path: str):
+    """Gives the tree under `path` the modes new files get: `tempfile.mkdtemp` makes 0700."""
+    umask = _current_umask()
+    directory_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    os.chmod(path, directory_mode)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), directory_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+
+
+def _write_saved_model(model, path, class_names, top_k, central_crop_fraction,
+                       max_image_pixels):
     """Writes the archive of `build_archive` to `path`, the class names as its asset."""
     with tempfile.TemporaryDirectory() as names_dir:
         class_names_path = os.path.join(names_dir, CLASS_NAMES_ASSET)
@@ -323,6 +498,7 @@ def _write_saved_model(model, path, class_names, top_k, central_crop_fraction):
             stream.write("\n".join(class_names) + "\n")
         archive = build_archive(
             model, class_names_path, top_k=top_k, central_crop_fraction=central_crop_fraction,
+            max_image_pixels=max_image_pixels,
         )
         archive.write_out(path, verbose=False)
 
