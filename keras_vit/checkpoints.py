@@ -279,7 +279,51 @@ def describe_checkpoint(arrays, path="checkpoint"):
     }
 
 
-def from_npz(path, *, image_size=None, num_classes=None, **overrides):
+def non_finite_arrays(named_arrays):
+    """Which arrays hold NaN or infinite values.
+
+    Args:
+        named_arrays: (name, array) pairs; the arrays are NumPy arrays or anything
+            `np.asarray` takes.
+
+    Returns:
+        One "name (3 NaN, 1 Inf)" string per array that holds any, in the given order.
+    """
+    found = []
+    for name, array in named_arrays:
+        array = np.asarray(array)
+        if not np.issubdtype(array.dtype, np.inexact) or np.isfinite(array).all():
+            continue
+        counts = [(int(np.isnan(array).sum()), "NaN"), (int(np.isinf(array).sum()), "Inf")]
+        found.append(f"{name} (" + ", ".join(f"{n} {kind}" for n, kind in counts if n) + ")")
+    return found
+
+
+def check_finite(named_arrays, source, *, allow_non_finite=False):
+    """Raises a CheckpointError naming every array of `source` that holds NaN or Inf.
+
+    A model with such weights predicts NaN for every image, so loading refuses it;
+    `allow_non_finite=True` (for research on diverged runs) lets it through.
+
+    Args:
+        named_arrays: (name, array) pairs, e.g. npz keys or Keras variable paths.
+        source: the file the arrays come from, for the message.
+        allow_non_finite: skip the check.
+    """
+    if allow_non_finite:
+        return
+    found = non_finite_arrays(named_arrays)
+    if found:
+        listed = ", ".join(found[:20]) + (f", ... ({len(found) - 20} more)" if len(found) > 20 else "")
+        raise CheckpointError(
+            f"{source}: non-finite values in {len(found)} "
+            f"{'array' if len(found) == 1 else 'arrays'}: {listed}. The run that wrote it "
+            "probably diverged; pass allow_non_finite=True (a tool's --allow_non_finite_weights) "
+            "to load it anyway."
+        )
+
+
+def from_npz(path, *, image_size=None, num_classes=None, allow_non_finite=False, **overrides):
     """Builds a ViT from a Google checkpoint and loads its weights.
 
     Args:
@@ -290,13 +334,15 @@ def from_npz(path, *, image_size=None, num_classes=None, **overrides):
             layer and attaches a new zero-initialized head (the paper's fine-tuning recipe).
         **overrides: dropout_rate, attention_dropout_rate, stochastic_depth_rate,
             include_top, name, passed to `create_model`.
+        allow_non_finite: load arrays holding NaN or Inf instead of refusing them.
 
     Returns:
         A `keras.Model` as `create_model` builds it, with the checkpoint's weights.
 
     Raises:
-        CheckpointError: the file is missing (`CheckpointNotFoundError`) or unreadable, or it
-            does not fit the model: every missing, unexpected and mis-shaped key is listed.
+        CheckpointError: the file is missing (`CheckpointNotFoundError`) or unreadable, it
+            does not fit the model (every missing, unexpected and mis-shaped key is listed),
+            or an array it loads holds NaN or Inf (every such key is listed).
     """
     unknown = sorted(set(overrides) - set(_OVERRIDABLE))
     if unknown:
@@ -304,7 +350,9 @@ def from_npz(path, *, image_size=None, num_classes=None, **overrides):
             f"from_npz got unexpected arguments {unknown}; the architecture is read from the "
             f"checkpoint. Allowed: image_size, num_classes, {', '.join(_OVERRIDABLE)}."
         )
-    arrays = {key: value.astype(np.float32) for key, value in load_npz(path).items()}
+    # A float64 value beyond float32's range becomes Inf here, which check_finite reports.
+    with np.errstate(over="ignore"):
+        arrays = {key: value.astype(np.float32) for key, value in load_npz(path).items()}
     spec = describe_checkpoint(arrays, path)
     config = spec["config"]
     new_head = num_classes is not None and num_classes != spec["num_classes"]
@@ -334,12 +382,14 @@ def from_npz(path, *, image_size=None, num_classes=None, **overrides):
     # A model built with include_top=False takes no head from the checkpoint.
     ignored = () if _has_layer(model, "head") else ("head/",)
     _assign(model, arrays, path, ignore_extra_prefixes=ignored,
-            keep_initial_prefixes=("head/",) if new_head else ())
+            keep_initial_prefixes=("head/",) if new_head else (),
+            allow_non_finite=allow_non_finite)
     return model
 
 
-def _assign(model, arrays, path, ignore_extra_prefixes=(), keep_initial_prefixes=()):
-    """Copies checkpoint arrays into the model, checking every key and shape first.
+def _assign(model, arrays, path, ignore_extra_prefixes=(), keep_initial_prefixes=(),
+            allow_non_finite=False):
+    """Copies checkpoint arrays into the model, checking every key, shape and value first.
 
     Checkpoint keys under `ignore_extra_prefixes` are not used; model weights under
     `keep_initial_prefixes` (a new head) keep their initial values.
@@ -349,6 +399,8 @@ def _assign(model, arrays, path, ignore_extra_prefixes=(), keep_initial_prefixes
     ]
     _check_fit(table, arrays, f"Checkpoint {path} does not fit the model {model.name}:",
                tuple(ignore_extra_prefixes))
+    check_finite(((row.key, arrays[row.key]) for row in table), path,
+                 allow_non_finite=allow_non_finite)
     # Each row fills its columns of its variable's value; each variable is assigned once.
     values = {}
     for row in table:

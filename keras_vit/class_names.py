@@ -11,7 +11,7 @@ import importlib.resources
 import json
 import os
 
-from pipelines.errors import UserError
+from pipelines.errors import MissingFileError, UserError
 
 CLASS_NAMES_FILENAME = "class_names.json"
 IMAGENET_CLASS_NAMES = "imagenet_class_names.json"
@@ -47,11 +47,31 @@ def resolve_class_names(num_classes, class_names=None):
 
 
 def read_class_names(path):
-    """Reads class names from a JSON list or a text file with one name per line."""
-    with open(path, encoding="utf-8") as stream:
-        text = stream.read()
+    """Reads class names from a JSON list or a text file with one name per line.
+
+    Raises:
+        MissingFileError: `path` does not exist.
+        UserError: the file is not UTF-8 text, or a .json file is not a JSON list of strings;
+            the message names the file.
+    """
+    if not os.path.isfile(path):
+        raise MissingFileError(f"Class-names file {path} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}): expected class "
+            "names as a JSON list or one name per line, saved as UTF-8."
+        ) from None
     if path.endswith(".json"):
-        names = json.loads(text)
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(
+                f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column "
+                f"{error.colno}): expected a JSON list of class-name strings."
+            ) from None
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise UserError(f"{path} must hold a JSON list of class-name strings.")
         return names

@@ -27,12 +27,14 @@ def top_k_predictions(logits, k=5):
 
     Args:
         logits: (batch, num_classes).
-        k: how many; clipped to num_classes.
+        k: how many, at least 1; clipped to num_classes.
 
     Returns:
         (indices (batch, k) int64, probabilities (batch, k) float64): softmax probabilities;
         ties go to the lower class index.
     """
+    if int(k) < 1:
+        raise ValueError(f"k must be at least 1, got {k}.")
     probabilities = softmax(logits)
     k = min(int(k), probabilities.shape[-1])
     # A stable sort of the negated probabilities keeps equal ones in index order.
@@ -53,12 +55,14 @@ def load_images(paths, image_size, central_crop_fraction=None):
 
     Raises:
         MissingFileError: a path does not exist.
-        UserError: a file is not a decodable image.
+        UserError: a path is a directory, or a file is not a decodable image.
     """
     images = []
     for path in paths:
-        if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+        if not tf.io.gfile.exists(path):
             raise MissingFileError(f"Image file {path} does not exist.")
+        if tf.io.gfile.isdir(path):
+            raise UserError(f"{path} is a directory; expected an image file.")
         with tf.io.gfile.GFile(path, "rb") as stream:
             data = stream.read()
         try:

@@ -8,20 +8,27 @@ A training model directory (written by tools/train.py) holds:
     model.keras          the final model
     class_names.json     a JSON list of the class names, index = label
     results.json         final metrics
+
+Every form is checked for NaN and Inf weights (a diverged run), which are refused unless
+`allow_non_finite=True`.
 """
 
 import os
+import zipfile
 
 import keras
 
-from keras_vit.checkpoints import from_npz
+from keras_vit.checkpoints import CheckpointError, check_finite, from_npz
 from keras_vit.class_names import CLASS_NAMES_FILENAME, read_class_names
 from pipelines.errors import MissingFileError, UserError
 
 MODEL_FILENAME = "model.keras"
+# The members `keras.Model.save` writes into a .keras archive.
+_KERAS_ARCHIVE_MEMBERS = ("config.json", "model.weights.h5")
 
 
-def load_classifier(path, *, image_size=None, num_classes=None, class_names_path=None):
+def load_classifier(path, *, image_size=None, num_classes=None, class_names_path=None,
+                    allow_non_finite=False):
     """Opens a classifier saved as a .keras file, an .npz checkpoint or a model directory.
 
     Args:
@@ -30,10 +37,17 @@ def load_classifier(path, *, image_size=None, num_classes=None, class_names_path
         num_classes: only for .npz: attach a new zero head of this size.
         class_names_path: a JSON list or one-name-per-line file; overrides the names found
             next to the model.
+        allow_non_finite: load weights holding NaN or Inf instead of refusing them.
 
     Returns:
         (model, class_names): a `keras.Model` taking float32 [0, 255] images and returning
         logits, and a list of class names, or None when none is known.
+
+    Raises:
+        MissingFileError: `path` (or the directory's model.keras) does not exist.
+        CheckpointError: the file is not a readable model or checkpoint, or its weights hold
+            NaN or Inf (each such weight is named).
+        UserError: `path` is of no known kind, or the class names do not match the head.
     """
     class_names = None
     if os.path.isdir(path):
@@ -43,19 +57,19 @@ def load_classifier(path, *, image_size=None, num_classes=None, class_names_path
                 f"{path} is a directory without {MODEL_FILENAME}: expected a model directory "
                 "written by tools/train.py, or pass a .keras or .npz file."
             )
-        model = keras.models.load_model(model_path)
-        names_path = os.path.join(path, CLASS_NAMES_FILENAME)
-        if os.path.exists(names_path):
-            class_names = read_class_names(names_path)
+        model, class_names = _load_keras(model_path, allow_non_finite)
     elif path.endswith(".keras"):
         if not os.path.exists(path):
             raise MissingFileError(f"Model file {path} does not exist.")
-        model = keras.models.load_model(path)
-        names_path = os.path.join(os.path.dirname(path), CLASS_NAMES_FILENAME)
-        if os.path.exists(names_path):
-            class_names = read_class_names(names_path)
+        model, class_names = _load_keras(path, allow_non_finite)
     elif path.endswith(".npz"):
-        model = from_npz(path, image_size=image_size, num_classes=num_classes)
+        model = from_npz(path, image_size=image_size, num_classes=num_classes,
+                         allow_non_finite=allow_non_finite)
+    elif not os.path.exists(path):
+        raise MissingFileError(
+            f"{path} does not exist: expected a .keras file, an .npz checkpoint or a model "
+            "directory holding model.keras."
+        )
     else:
         raise UserError(
             f"Cannot tell what {path} is: expected a .keras file, an .npz checkpoint or a "
@@ -70,3 +84,50 @@ def load_classifier(path, *, image_size=None, num_classes=None, class_names_path
             f"({class_names_path or path}); the names must match the head."
         )
     return model, class_names
+
+
+def _load_keras(model_path, allow_non_finite):
+    """A .keras file's model, with its weights checked, and the class names beside it."""
+    _check_keras_archive(model_path)
+    try:
+        # safe_mode stays on: a .keras file with Lambda layers is refused, not executed.
+        model = keras.models.load_model(model_path)
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"{model_path} is not a readable .keras archive (truncated or corrupt: {error}); "
+            "save or download it again."
+        ) from error
+    except (ValueError, TypeError) as error:
+        # Keras's reason: a layer not registered here, a Lambda refused by safe_mode, ...;
+        # its first line only, as the rest can be the whole model config.
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else repr(error)
+        raise CheckpointError(
+            f"{model_path} could not be rebuilt as a Keras model: {reason} Expected a model "
+            "saved by keras_vit (create_model, from_npz or tools/train.py)."
+        ) from error
+    check_finite(((variable.path, variable.numpy()) for variable in model.weights), model_path,
+                 allow_non_finite=allow_non_finite)
+    names_path = os.path.join(os.path.dirname(model_path), CLASS_NAMES_FILENAME)
+    class_names = read_class_names(names_path) if os.path.exists(names_path) else None
+    return model, class_names
+
+
+def _check_keras_archive(model_path):
+    """Raises a CheckpointError naming `model_path` unless it is a zip holding a Keras model.
+
+    Keras itself reports a truncated archive as "File not found".
+    """
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            members = archive.namelist()
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"{model_path} is not a readable .keras archive (truncated or corrupt: {error}); "
+            "expected a zip file as keras.Model.save writes it. Save or download it again."
+        ) from error
+    missing = [name for name in _KERAS_ARCHIVE_MEMBERS if name not in members]
+    if missing:
+        raise CheckpointError(
+            f"{model_path} is a zip file but not a .keras model archive: it lacks {missing} "
+            f"(holds {sorted(members)[:8]}). Expected a file written by keras.Model.save."
+        )

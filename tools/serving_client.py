@@ -6,10 +6,14 @@ r"""Sends image files to a TensorFlow Serving model exported by tools/export.py;
 
 With --signature=predict_pixels the files are decoded and resized here, by the same
 `pipelines.preprocess_for_eval` the server's serving_default runs. gRPC needs
-`pip install tensorflow-serving-api`. One JSON line per file.
+`pip install tensorflow-serving-api`. One JSON line per file (a score that is not finite is
+null). --timeout bounds each whole request. A server that cannot be reached, times out, drops
+the connection or does not answer one prediction per file stops the command with one line
+(`error: ...`, exit status 2) and nothing printed.
 """
 
 import json
+import math
 import os
 import pathlib
 
@@ -31,18 +35,26 @@ _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", None, "predict_pixels only: the model's input size.")
 _CENTRAL_CROP_FRACTION = flags.DEFINE_float(
     "central_crop_fraction", None, "predict_pixels only: the export's central crop, if any.")
-_TIMEOUT = flags.DEFINE_float("timeout", 30.0, "Seconds to wait for the answer.")
+_TIMEOUT = flags.DEFINE_float(
+    "timeout", 30.0, "Seconds for each whole request, from connecting to the last byte.")
+flags.register_validator("timeout", lambda value: value > 0,
+                         message="--timeout must be a positive number of seconds.")
+flags.register_validator("model_version", lambda value: value is None or value >= 1,
+                         message="--model_version must be a version number, 1 or more.")
+flags.register_validator("image_size", lambda value: value is None or value >= 1,
+                         message="--image_size must be a positive number of pixels.")
 
 
 def _pixels(paths):
-    import tensorflow as tf
+    from keras_vit import inference
 
-    import pipelines
+    return inference.load_images(paths, _IMAGE_SIZE.value, _CENTRAL_CROP_FRACTION.value)
 
-    return tf.stack([
-        pipelines.preprocess_for_eval(tf.io.read_file(path), _IMAGE_SIZE.value,
-                                      _CENTRAL_CROP_FRACTION.value, context=path)
-        for path in paths]).numpy()
+
+def _json_line(path, prediction):
+    scores = [round(score, 6) if math.isfinite(score) else None for score in prediction.scores]
+    return json.dumps({"file": path, "labels": prediction.labels, "scores": scores,
+                       "classes": prediction.classes}, allow_nan=False)
 
 
 def main(argv):
@@ -63,10 +75,9 @@ def main(argv):
     predict = client.predict_grpc if grpc else client.predict_rest
     predictions = predict(server, _MODEL_NAME.value, version=_MODEL_VERSION.value,
                           timeout=_TIMEOUT.value, signature_name=_SIGNATURE.value, **inputs)
-    for path, prediction in zip(paths, predictions):
-        print(json.dumps({"file": path, "labels": prediction.labels,
-                          "scores": [round(score, 6) for score in prediction.scores],
-                          "classes": prediction.classes}))
+    # predict_* raise a ServingError unless there is one prediction per file.
+    for path, prediction in zip(paths, predictions, strict=True):
+        print(_json_line(path, prediction))
 
 
 def run():

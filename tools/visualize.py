@@ -44,13 +44,17 @@ _LOGDIR = flags.DEFINE_string(
     "logdir", None, "curves: TensorBoard log directory (default: CHECKPOINT/logs).")
 _X_AXIS = flags.DEFINE_enum("x_axis", "epoch", ["epoch", "step"], "curves: per epoch or per step.")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "Data dir of prepared TFDS datasets.")
+_ALLOW_NON_FINITE = flags.DEFINE_bool(
+    "allow_non_finite_weights", False, "Load a model whose weights hold NaN or Inf (refused by "
+    "default).")
 
 
 def _model():
     if not _CHECKPOINT.value:
         raise app.UsageError("--checkpoint is required for this KIND.")
     return load_classifier(
-        _CHECKPOINT.value, image_size=_IMAGE_SIZE.value, class_names_path=_LABELS.value)
+        _CHECKPOINT.value, image_size=_IMAGE_SIZE.value, class_names_path=_LABELS.value,
+        allow_non_finite=_ALLOW_NON_FINITE.value)
 
 
 def _images(paths, image_size):

@@ -11,13 +11,21 @@ Builds (and sends) the two kinds of Predict request TF Serving accepts:
 
 and reads either answer into one `Prediction` per image. gRPC needs the optional
 `tensorflow-serving-api` package (`pip install tensorflow-serving-api`).
+
+`timeout` is one total deadline per request: gRPC's own deadline, and for REST a worker thread
+that the caller stops waiting for (urllib's timeout bounds each socket operation, so a server
+sending one byte a second would never time out). Every failure (deadline, refused or dropped
+connection, an answer that is not JSON or does not hold one prediction per image) is a
+`ServingError` naming the server.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import http.client
 import json
+import threading
 import urllib.error
 import urllib.request
 
@@ -157,33 +165,148 @@ def parse_grpc_response(response) -> list[Prediction]:
             "model exported by keras_vit?")
     labels, scores, classes = (
         tf.make_ndarray(response.outputs[key]) for key in ("labels", "scores", "classes"))
+    if not len(labels) == len(scores) == len(classes):
+        raise ServingError(
+            f"The response's outputs disagree on the number of images: labels {len(labels)}, "
+            f"scores {len(scores)}, classes {len(classes)}.")
     return [_prediction(*row) for row in zip(labels, scores, classes)]
 
 
-def predict_rest(server, model_name, *, version=None, timeout=30.0, **inputs) -> list[Prediction]:
-    """Sends `rest_request(**inputs)` to `server` (host:port, default REST port 8501)."""
-    body = json.dumps(rest_request(**inputs)).encode("utf-8")
-    request = urllib.request.Request(
-        rest_url(server, model_name, version), data=body, method="POST",
-        headers={"Content-Type": "application/json"})
+def _num_images(image_bytes=None, images=None, **_):
+    return len(image_bytes if image_bytes is not None else images)
+
+
+def _deadline_message(where, timeout):
+    seconds = timeout if timeout is None else format(timeout, "g")
+    return (f"No complete answer from TF Serving at {where} within the {seconds} s deadline: "
+            "the server is overloaded, stalled or too slow; retry or raise the timeout.")
+
+
+def _check_count(predictions, num_sent, where):
+    if len(predictions) != num_sent:
+        raise ServingError(
+            f"TF Serving at {where} answered {len(predictions)} predictions for {num_sent} "
+            "images sent; expected one per image.")
+    return predictions
+
+
+def _within_deadline(work, timeout, where):
+    """`work(abandoned)`'s result, or its exception, if it finishes within `timeout` seconds.
+
+    It runs in a daemon thread; past the deadline the caller gets a ServingError naming
+    `where`, and `abandoned` is set so that `work` stops at its next read.
+    """
+    abandoned, outcome = threading.Event(), {}
+
+    def target():
+        try:
+            outcome["value"] = work(abandoned)
+        except BaseException as error:  # handed to the caller's thread, raised there
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="rest-request", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        abandoned.set()
+        raise ServingError(_deadline_message(where, timeout))
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _read_body(answer, abandoned):
+    """The whole body, read as it arrives; stops early once the caller has given up."""
+    chunks = []
+    while not abandoned.is_set():
+        chunk = answer.read1(65536)
+        if chunk:
+            chunks.append(chunk)
+            continue
+        # read1 ends quietly at EOF; `length` is what Content-Length promised and is missing.
+        if getattr(answer, "length", None):
+            raise http.client.IncompleteRead(b"".join(chunks), answer.length)
+        return b"".join(chunks)
+    return b""
+
+
+def _post(request, timeout, abandoned):
+    """Sends `request`; the answer's parsed JSON. Network failures become ServingErrors."""
+    url = request.full_url
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return parse_rest_response(json.loads(answer.read()))
+            text = _read_body(answer, abandoned)
     except urllib.error.HTTPError as error:
         text = error.read().decode("utf-8", "replace")
         try:
             message = json.loads(text).get("error", text)
-        except ValueError:
+        except (ValueError, AttributeError):
             message = text
-        raise ServingError(f"{request.full_url} answered HTTP {error.code}: {message}") from error
+        raise ServingError(f"{url} answered HTTP {error.code}: {message}") from error
     except urllib.error.URLError as error:
         raise ServingError(
-            f"Could not reach TF Serving at {request.full_url}: {error.reason}. Is the server "
+            f"Could not reach TF Serving at {url}: {error.reason}. Is the server "
             "running, and is this its REST port (8501 by default)?") from error
+    except TimeoutError as error:  # socket.timeout: no byte for `timeout` seconds
+        raise ServingError(_deadline_message(url, timeout)) from error
+    except (http.client.HTTPException, OSError) as error:
+        raise ServingError(
+            f"TF Serving at {url} dropped the connection before a complete answer "
+            f"({type(error).__name__}: {error or 'no detail'}); retry, or look at the server's "
+            "log.") from error
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise ServingError(
+            f"TF Serving at {url} answered with something that is not JSON ({error}): "
+            f"{text[:120]!r}") from error
+
+
+def predict_rest(server, model_name, *, version=None, timeout=30.0, **inputs) -> list[Prediction]:
+    """Sends `rest_request(**inputs)` to `server` (host:port, default REST port 8501).
+
+    Args:
+        timeout: seconds for the whole request, from connecting to the last byte.
+
+    Raises:
+        ServingError: the deadline passed, the server could not be reached, dropped the
+            connection or answered an error, or the answer does not hold one prediction per
+            image; the message names the URL.
+    """
+    body = rest_request(**inputs)
+    request = urllib.request.Request(
+        rest_url(server, model_name, version), data=json.dumps(body).encode("utf-8"),
+        method="POST", headers={"Content-Type": "application/json"})
+    answer = _within_deadline(lambda abandoned: _post(request, timeout, abandoned), timeout,
+                              request.full_url)
+    if not isinstance(answer, dict):
+        raise ServingError(
+            f"TF Serving at {request.full_url} answered {type(answer).__name__} JSON, expected "
+            "an object {\"predictions\": [...]}.")
+    return _check_count(parse_rest_response(answer), len(body["instances"]), request.full_url)
+
+
+def _grpc_error_message(server, error, timeout):
+    code = error.code() if callable(getattr(error, "code", None)) else None
+    details = error.details() if callable(getattr(error, "details", None)) else str(error)
+    name = getattr(code, "name", "an error")
+    if name == "DEADLINE_EXCEEDED":
+        return _deadline_message(f"{server} (gRPC)", timeout)
+    if name == "UNAVAILABLE":
+        return (f"Could not reach TF Serving at {server} (gRPC): {details}. Is the server "
+                "running, and is this its gRPC port (8500 by default)?")
+    return f"TF Serving at {server} (gRPC) answered {name}: {details}"
 
 
 def predict_grpc(server, model_name, *, version=None, timeout=30.0, **inputs) -> list[Prediction]:
-    """Sends `grpc_request(...)` to `server` (host:port, default gRPC port 8500)."""
+    """Sends `grpc_request(...)` to `server` (host:port, default gRPC port 8500).
+
+    Args:
+        timeout: seconds for the whole call (gRPC's deadline).
+
+    Raises:
+        ServingError: as `predict_rest`, naming the server.
+    """
     import grpc
 
     _, prediction_service_pb2_grpc = _require_grpc_api()
@@ -193,6 +316,5 @@ def predict_grpc(server, model_name, *, version=None, timeout=30.0, **inputs) ->
         try:
             response = stub.Predict(request, timeout=timeout)
         except grpc.RpcError as error:
-            raise ServingError(
-                f"{server} answered {error.code().name}: {error.details()}") from error
-    return parse_grpc_response(response)
+            raise ServingError(_grpc_error_message(server, error, timeout)) from error
+    return _check_count(parse_grpc_response(response), _num_images(**inputs), f"{server} (gRPC)")
