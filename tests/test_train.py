@@ -15,8 +15,8 @@ import pytest
 
 import keras_vit
 from keras_vit.training import ConfigError, TrainConfig, train, validate
-from tests.train_helpers import (REPO, TINY_FLAGS, TRAIN, convert_digits, flag_list, run_train,
-                                 subprocess_env)
+from tests.train_helpers import (REPO, TINY_FLAGS, TRAIN, convert_digits, flag_list,
+                                 newest_backup_step, run_train, subprocess_env)
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +166,6 @@ def test_nan_loss_stops_with_a_clear_message(digits, tmp_path):
                           grad_clip_norm=0.0))
 
 
-def _backup_epoch(model_dir):
-    try:
-        return json.loads((model_dir / "backup" / "training_metadata.json").read_text())["epoch"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
-
-
 def test_kill_9_resumes_from_the_step_reached(digits, tmp_path):
     flags = TINY_FLAGS | dict(train_data=digits, eval_data=digits, model_dir=tmp_path,
                               total_steps=600, checkpoint_every_steps=10, eval_every_steps=600,
@@ -181,13 +174,14 @@ def test_kill_9_resumes_from_the_step_reached(digits, tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while _backup_epoch(tmp_path) < 2 and process.poll() is None and time.time() < deadline:
+        while (newest_backup_step(tmp_path) < 20 and process.poll() is None
+               and time.time() < deadline):
             time.sleep(0.05)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = _backup_epoch(tmp_path) * 10
+    killed_at = newest_backup_step(tmp_path)
     assert 0 < killed_at < 600 and not (tmp_path / "results.json").exists()
 
     result = run_train(**flags)

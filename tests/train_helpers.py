@@ -29,6 +29,14 @@ TINY_FLAGS = dict(
 )
 
 
+def tiny_config(data, model_dir, **overrides):
+    """The `TrainConfig` of `TINY_FLAGS` on `data` (train and eval) into `model_dir`."""
+    from keras_vit.training import TrainConfig
+
+    return TrainConfig(**(TINY_FLAGS | dict(train_data=data, eval_data=data,
+                                            model_dir=str(model_dir)) | overrides))
+
+
 def convert_digits(directory):
     """sklearn digits, train and test splits, in `directory` (pipelines' converter)."""
     import pipelines
@@ -72,3 +80,16 @@ def free_ports(count):
     for s in sockets:
         s.close()
     return ports
+
+
+def newest_backup_step(model_dir):
+    """The update step of the newest backup in MODEL_DIR/backup that passes its checks (0: none)."""
+    from keras_vit.training import backup
+
+    for step, path in backup.list_backups(os.path.join(model_dir, "backup")):
+        try:
+            backup.check_backup(path, step)
+        except (ValueError, OSError):  # pruned while being read
+            continue
+        return step
+    return 0

@@ -6,6 +6,7 @@
 Each piece also works on its own with `model.fit` in a script of yours.
 """
 
+from keras_vit.training.backup import AtomicBackupAndRestore, AtomicWeightsCheckpoint, BackupError
 from keras_vit.training.callbacks import StepAndThroughput, TerminateOnNaN, TrainingNaNError
 from keras_vit.training.config import ConfigError, TrainConfig, parse_model, validate
 from keras_vit.training.engine import RESULTS_FILENAME, build_model, compile_model, train

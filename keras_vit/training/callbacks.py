@@ -2,8 +2,8 @@
 checkpoint pruning, and no false "interrupting training" warning after each evaluation.
 
 Keras counts in epochs; `engine.train` makes one Keras epoch = `checkpoint_every_steps`
-optimizer updates, so an epoch boundary is where BackupAndRestore and ModelCheckpoint save and
-`epoch * updates_per_epoch` is the global update step.
+optimizer updates, so an epoch boundary is where the backup and the checkpoint (backup.py)
+save and `epoch * updates_per_epoch` is the global update step.
 """
 
 import glob
@@ -29,8 +29,8 @@ class TrainingNaNError(UserError, FloatingPointError):
 class StepAndThroughput(keras.callbacks.Callback):
     """Adds "step" (optimizer updates so far) and "images_per_sec" to each epoch's logs.
 
-    TensorBoard, the progress bar, History and ModelCheckpoint's `{step}` file name placeholder
-    all read these logs. Put this callback before them in the list.
+    TensorBoard, the progress bar and History read these logs. Put this callback before them
+    in the list.
 
     Args:
         global_batch_size: images per micro-step, summed over all replicas.
@@ -59,7 +59,7 @@ class StepAndThroughput(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._start_iterations = self._micro_steps()
         if self.first_step is None:
-            # After BackupAndRestore's on_train_begin: the update step this run resumed from.
+            # After the backup's on_train_begin: the update step this run resumed from.
             self.first_step = self._start_iterations // self.steps_per_update
         self._start = time.perf_counter()
 
@@ -106,8 +106,8 @@ class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
 class PruneCheckpoints(keras.callbacks.Callback):
     """Keeps only the newest `keep` files matching `pattern` after each epoch's save.
 
-    Put it after the ModelCheckpoint that writes them. File names must sort in step order (as
-    ModelCheckpoint's zero-padded "ckpt-{step:07d}.weights.h5" do).
+    Put it after the `backup.AtomicWeightsCheckpoint` that writes them. File names must sort in
+    step order (as the zero-padded "ckpt-{step:07d}.weights.h5" do).
 
     Args:
         pattern: a glob of the checkpoint files, such as "DIR/ckpt-*.weights.h5".

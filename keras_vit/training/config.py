@@ -61,7 +61,9 @@ class TrainConfig:
         "", "A converter source (e.g. digits:) to convert into --train_data/--eval_data "
             "when they lack their split; empty = data must exist.")
     tfds_data_dir: str = _flag("", "Data dir of prepared TFDS datasets.")
-    shuffle_buffer: int = _flag(10_000, "Records in the training shuffle buffer.")
+    shuffle_buffer: int = _flag(
+        10_000, "Records in the training shuffle buffer, >= 1 (1 = no record shuffle; the "
+                "file order is still shuffled).")
     cache_data: bool = _flag(
         False, "Cache the serialized training records in memory (small datasets).")
     augment: str = _flag(
@@ -155,11 +157,11 @@ def _check_model(config):
 def _check_counts(config):
     """Sizes, steps and intervals are positive; the ones where 0 means "none/auto" are >= 0."""
     for flag in ("image_size", "global_batch_size", "total_steps", "eval_every_steps",
-                 "checkpoint_every_steps", "grad_accum_steps", "steps_per_execution"):
+                 "checkpoint_every_steps", "grad_accum_steps", "steps_per_execution",
+                 "shuffle_buffer"):
         if getattr(config, flag) <= 0:
             _fail(flag, getattr(config, flag), "must be a positive integer.")
-    for flag in ("num_classes", "representation_size", "warmup_steps", "eval_batch_size",
-                 "shuffle_buffer"):
+    for flag in ("num_classes", "representation_size", "warmup_steps", "eval_batch_size"):
         if getattr(config, flag) < 0:
             _fail(flag, getattr(config, flag), "must be >= 0.")
 

@@ -4,7 +4,7 @@ Structure of a run (MODEL_DIR layout in keras_vit/loading.py and docs/training.m
   strategy from --strategy -> (optional) data conversion -> model, optimizer, loss, metrics
   under strategy.scope() -> data through strategy.distribute_datasets_from_function(
   pipelines.build_dataset) -> model.fit in Keras "epochs" of --checkpoint_every_steps updates
-  (BackupAndRestore, ModelCheckpoint, TensorBoard, eval every --eval_every_steps) ->
+  (atomic backup and checkpoints, TensorBoard, eval every --eval_every_steps) ->
   final evaluation -> results.json, model.keras, class_names.json (chief only).
 """
 
@@ -23,6 +23,7 @@ from keras_vit.checkpoints import from_npz
 from keras_vit.class_names import fallback_class_names, write_class_names
 from keras_vit.loading import MODEL_FILENAME
 from keras_vit.model import create_model
+from keras_vit.training import backup as backup_lib
 from keras_vit.training import callbacks as callbacks_lib
 from keras_vit.training import strategy as strategy_lib
 from keras_vit.training.config import MIXED_PRECISION, ConfigError, parse_model, validate
@@ -217,18 +218,15 @@ def make_callbacks(config, strategy, chief):
     callbacks = [
         throughput,
         callbacks_lib.TerminateOnNaN(config.grad_accum_steps),
-        # Keras epoch = --checkpoint_every_steps updates, so "epoch" saving is per chunk.
-        keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=False),
+        # Keras epoch = --checkpoint_every_steps updates, so a backup per epoch is per chunk.
+        backup_lib.AtomicBackupAndRestore(backup_dir, config.checkpoint_every_steps),
         callbacks_lib.QuietEndOfEvaluationData(),
     ]
     if chief:
         checkpoints = os.path.join(config.model_dir, "checkpoints")
         callbacks += [
-            keras.callbacks.ModelCheckpoint(
-                os.path.join(checkpoints, "ckpt-{step:07d}.weights.h5"),
-                save_weights_only=True,
-                save_freq="epoch",
-            ),
+            backup_lib.AtomicWeightsCheckpoint(
+                os.path.join(checkpoints, "ckpt-{step:07d}.weights.h5")),
             callbacks_lib.PruneCheckpoints(
                 os.path.join(checkpoints, "ckpt-*.weights.h5"), config.keep_checkpoints),
             keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"), update_freq="epoch"),

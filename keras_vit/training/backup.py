@@ -1,0 +1,503 @@
+"""Training state on disk, written atomically and checked on read.
+
+`AtomicBackupAndRestore` replaces Keras's `BackupAndRestore`, whose `latest.weights.h5` and
+`training_metadata.json` are overwritten in place, one after the other: a kill inside either
+write leaves a file that fails every restart, and a kill between them resumes one interval
+off. Here each backup is one directory, written under a temporary name and renamed into place
+once complete:
+
+    BACKUP_DIR/step-0000020/state.weights.h5   weights + optimizer state (`model.save_weights`)
+    BACKUP_DIR/step-0000020/manifest.json      step, epoch, size and sha256 of the weights file,
+                                               written last
+    BACKUP_DIR/step-0000010/                   the previous complete backup, kept as a fallback
+    BACKUP_DIR/latest.weights.h5               a symbolic link to the newest state file
+
+Restoring validates the newest backup against its manifest and falls back to the older one
+with a warning naming what failed. `write_weights_atomically` gives the same guarantee to one
+file (the checkpoints of `AtomicWeightsCheckpoint`).
+
+Any file system of `tf.io.gfile` works: a path with a scheme ("gs://bucket/run", "ram://...")
+goes through `tf.io.gfile`, a local one through `os`, which alone gives fsync, free space and
+symbolic links. Object stores cannot rename a directory atomically, so there a backup is
+written straight into `step-N/` and its manifest, written last, is what makes it complete
+(`check_backup` refuses a directory without a valid one); a checkpoint file is still written
+under a temporary name and renamed (an object appears whole); no fsync, no free-space check and
+no `latest.weights.h5`.
+"""
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from keras.src.saving import saving_lib
+
+from pipelines.errors import UserError
+
+STATE_FILENAME = "state.weights.h5"
+MANIFEST_FILENAME = "manifest.json"
+LATEST_LINK = "latest.weights.h5"
+#: The epoch file of Keras's `BackupAndRestore` (its weights file is named as `LATEST_LINK`).
+KERAS_METADATA = "training_metadata.json"
+_BACKUP_NAME = re.compile(r"step-(\d{7,})")
+_TEMPORARY_PREFIX = ".tmp-"
+#: Test hook: "STAGE:ACTION:STEP" makes the backup of STEP kill itself (ACTION kill) or fail as
+#: on a full disk (ACTION enospc) at STAGE ("weights", "manifest" or "renamed", after each).
+FAULT_ENV = "KERAS_VIT_BACKUP_FAULT"
+#: Bytes of h5 layout and names per variable (measured: about 1.2 KB, docs/training.md), and
+#: the factor of room to spare on top, for the check of free space.
+_BYTES_PER_VARIABLE = 2048
+_SPACE_MARGIN = 1.05
+#: No room for the file: a full disk, a full quota, a file-size limit (`ulimit -f`).
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class BackupError(UserError):
+    """A backup or checkpoint cannot be written (disk full) or none of them can be read."""
+
+
+def _fault_point(stage, step):
+    """Injects the fault that `FAULT_ENV` names for (`stage`, `step`); nothing when unset."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    fault_stage, action, fault_step = spec.split(":")
+    if fault_stage != stage or int(fault_step) != step:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), stage)
+
+
+def _is_remote(path):
+    """Whether `path` names a file system of `tf.io.gfile` by its scheme ("gs://...")."""
+    return "://" in path
+
+
+def _fsync_directory(path):
+    """Makes the renames inside `path` durable (POSIX: a directory's entries are its data).
+
+    Nothing on a remote file system: an object store has no directory entries to sync, and an
+    object is durable once its write is closed.
+    """
+    if _is_remote(path):
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_file(path, data):
+    """Writes the bytes `data` to the file `path`, fsynced on a local file system.
+
+    Args:
+        path: the file to write (created or overwritten).
+        data: a bytes-like object.
+
+    Raises:
+        OSError, tf.errors.OpError: the file cannot be written (a partial one may be left).
+    """
+    if _is_remote(path):
+        with tf.io.gfile.GFile(path, "wb") as stream:
+            stream.write(bytes(data))  # GFile takes bytes, not a memoryview
+        return
+    with open(path, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _replace(source, destination):
+    """Renames the file `source` to `destination`, replacing it (atomic on POSIX; on an object
+    store a copy, which still makes `destination` appear whole)."""
+    if _is_remote(source):
+        tf.io.gfile.rename(source, destination, overwrite=True)
+    else:
+        os.replace(source, destination)
+
+
+def _is_file(path):
+    """Whether `path` exists and is not a directory (`tf.io.gfile` has no `isfile`)."""
+    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _megabytes(size):
+    return f"{size / 2**20:.1f} MB"
+
+
+def _disk_full_error(directory, needed, error=None):
+    """The `BackupError` of a full disk: the directory, the space needed and what is free."""
+    free = shutil.disk_usage(directory).free
+    cause = f" ({error})" if error is not None else ""
+    return BackupError(
+        f"Not enough disk space in {directory} to save the training state{cause}: about "
+        f"{_megabytes(needed)} needed, {_megabytes(free)} free. Training stopped; the last "
+        "complete backup there is kept. Free some space and start the same command again "
+        "to resume."
+    )
+
+
+@contextlib.contextmanager
+def _removed_on_failure(partial, directory, needed):
+    """Removes `partial` (a file or directory being written) when the body fails.
+
+    Args:
+        partial: what the body writes.
+        directory: where it is written, named in the error of a full disk.
+        needed: the bytes the write needs, named there too.
+
+    Raises:
+        BackupError: the local disk is full (or a quota or file-size limit is reached).
+    """
+    try:
+        yield
+    except (OSError, tf.errors.OpError) as error:
+        _remove(partial)
+        # No space to ask about on an object store: its errors go up as they are.
+        if isinstance(error, OSError) and error.errno in _DISK_FULL and not _is_remote(directory):
+            raise _disk_full_error(directory, needed, error) from error
+        raise
+
+
+def state_bytes(model):
+    """About the size of `model.save_weights`'s file: its variables and optimizer's, with room.
+
+    Args:
+        model: a built, compiled `keras.Model`.
+
+    Returns:
+        The bytes the check of free space asks for.
+    """
+    variables = list(model.weights)
+    if model.optimizer is not None:
+        variables += list(model.optimizer.variables)
+    data = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+    return int((data + _BYTES_PER_VARIABLE * len(variables)) * _SPACE_MARGIN)
+
+
+def _check_free_space(directory, needed):
+    """Raises the disk-full `BackupError` before writing when `needed` bytes do not fit (local
+    file systems only: an object store has no free space to ask)."""
+    if not _is_remote(directory) and shutil.disk_usage(directory).free < needed:
+        raise _disk_full_error(directory, needed)
+
+
+def write_state_file(model, path):
+    """Writes what `model.save_weights(path)` writes (weights and optimizer state), fsynced
+    on a local file system.
+
+    The h5 file is built in memory and written with one Python file write: HDF5 writing
+    straight to disk crashes the process (SIGSEGV, measured with h5py 3.14 / HDF5 1.14.6) when
+    a write fails mid-file, as on a full disk, where a Python write raises an `OSError`. Costs
+    host memory of one more copy of the state, briefly.
+
+    Args:
+        model: a built `keras.Model`.
+        path: the file to write.
+
+    Raises:
+        OSError, tf.errors.OpError: the file cannot be written (a partial file may be left at
+            `path`).
+    """
+    buffer = io.BytesIO()
+    # Keras's own writer of `save_weights`, given a memory file (its `H5IOStore` takes one).
+    store = saving_lib.H5IOStore(buffer, mode="w")
+    saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
+                           visited_saveables=set())
+    store.close()
+    _write_file(path, buffer.getbuffer())
+
+
+def write_weights_atomically(model, path, needed):
+    """`model.save_weights(path)` through a temporary file, so `path` is whole or absent.
+
+    Args:
+        model: the `keras.Model` to save (its optimizer state too, as `save_weights` does).
+        path: the file to write, ending in ".weights.h5".
+        needed: bytes the file is expected to take, checked against the free space first.
+
+    Raises:
+        BackupError: the disk is full; the temporary file is removed and `path` untouched.
+    """
+    directory, name = os.path.split(path)
+    tf.io.gfile.makedirs(directory)
+    temporary = os.path.join(directory, _TEMPORARY_PREFIX + name)
+    with _removed_on_failure(temporary, directory, needed):
+        _check_free_space(directory, needed)
+        write_state_file(model, temporary)
+        _replace(temporary, path)
+        _fsync_directory(directory)
+
+
+def _remove(path):
+    """Deletes a file or a directory tree (locally, a symbolic link itself) if it exists."""
+    if _is_remote(path):
+        if tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+        elif tf.io.gfile.exists(path):
+            tf.io.gfile.remove(path)
+    elif os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def backup_name(step):
+    """The directory name of the backup at update `step`, such as "step-0000020"."""
+    return f"step-{step:07d}"
+
+
+def _listdir(directory):
+    """The names in `directory`, without the "/" that object stores append to directories."""
+    return [name.rstrip("/") for name in tf.io.gfile.listdir(directory)]
+
+
+def list_backups(backup_dir):
+    """(step, path) of the backup directories in `backup_dir`, newest first, checked or not."""
+    if not tf.io.gfile.isdir(backup_dir):
+        return []
+    found = []
+    for name in _listdir(backup_dir):
+        match = _BACKUP_NAME.fullmatch(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(backup_dir, name)))
+    return sorted(found, reverse=True)
+
+
+def check_backup(path, step):
+    """The manifest of the backup directory `path`, once its files match it.
+
+    Args:
+        path: a backup directory, such as BACKUP_DIR/step-0000020.
+        step: the update step its name says.
+
+    Returns:
+        The manifest dict: step, epoch, and the size and sha256 of each file.
+
+    Raises:
+        ValueError: the manifest is missing or unreadable, names another step, or a file's
+            size or sha256 differs from it (a write that did not finish, or a damaged disk).
+    """
+    try:
+        with tf.io.gfile.GFile(os.path.join(path, MANIFEST_FILENAME)) as stream:
+            manifest = json.load(stream)
+    except (OSError, tf.errors.OpError, json.JSONDecodeError) as error:
+        raise ValueError(f"no readable {MANIFEST_FILENAME} ({error})") from error
+    if manifest.get("step") != step:
+        raise ValueError(f"its manifest is for step {manifest.get('step')}, not {step}")
+    if STATE_FILENAME not in manifest.get("files", {}):
+        raise ValueError(f"its manifest lists no {STATE_FILENAME}")
+    for name, expected in manifest.get("files", {}).items():
+        file_path = os.path.join(path, name)
+        size = tf.io.gfile.stat(file_path).length if tf.io.gfile.exists(file_path) else None
+        if size != expected["size"]:
+            raise ValueError(f"{name} has {size} bytes, its manifest says {expected['size']}")
+        if _sha256(file_path) != expected["sha256"]:
+            raise ValueError(f"{name} does not match the sha256 of its manifest")
+    return manifest
+
+
+class AtomicBackupAndRestore(keras.callbacks.Callback):
+    """Backs up the training state at each epoch end; restores the newest good one at start.
+
+    Keras epoch = `updates_per_epoch` optimizer updates (see `engine._fit`), so a backup sits
+    on a chunk boundary and its step gives the epoch to resume at. The newest two complete
+    backups are kept; an incomplete or damaged one is named in a warning and skipped.
+
+    Args:
+        backup_dir: the directory of this process's backups (each worker has its own).
+        updates_per_epoch: optimizer updates per Keras epoch (--checkpoint_every_steps).
+
+    Attributes:
+        restored_step: the update step restored at the start of `fit` (None: started anew).
+    """
+
+    def __init__(self, backup_dir, updates_per_epoch):
+        super().__init__()
+        self.backup_dir = backup_dir
+        self.updates_per_epoch = int(updates_per_epoch)
+        self.restored_step = None
+        self._kept = None  # the newest complete backup, kept until the next one is complete
+
+    def on_train_begin(self, logs=None):
+        self.restored_step = None
+        failures = []
+        for step, path in list_backups(self.backup_dir):
+            failure = self._try_restore(step, path)
+            if failure is None:
+                self.restored_step, self._kept = step, path
+                self.model._initial_epoch = step // self.updates_per_epoch
+                logging.info("Resumed from %s (update step %d).", path, step)
+                return
+            failures.append(f"{path}: {failure}")
+        if failures:
+            # Starting anew would prune them: the user decides.
+            raise BackupError(
+                f"None of the backups in {self.backup_dir} can be restored ("
+                + "; ".join(failures) + "). Put a good copy back, or move the directory away "
+                "to train anew.")
+        self._restore_keras_backup()
+
+    def _restore_keras_backup(self):
+        """Resumes from the files of Keras's `BackupAndRestore`, this project's backup before
+        this module, so a run started before an upgrade continues (its first new backup then
+        replaces them).
+
+        Raises:
+            BackupError: the files exist but do not load, or disagree on the step.
+        """
+        state = os.path.join(self.backup_dir, LATEST_LINK)
+        metadata = os.path.join(self.backup_dir, KERAS_METADATA)
+        # A link is this module's own `latest.weights.h5` (local file systems only).
+        if os.path.islink(state) or not (_is_file(state) and _is_file(metadata)):
+            return
+        try:
+            with tf.io.gfile.GFile(metadata) as stream:
+                epoch = json.load(stream)["epoch"]
+            self._load(state, epoch * self.updates_per_epoch)
+        except (OSError, tf.errors.OpError, ValueError, KeyError) as error:
+            raise BackupError(
+                f"The Keras backup in {self.backup_dir} ({LATEST_LINK}, {KERAS_METADATA}) "
+                f"cannot be restored: {error}. Move the directory away to train anew.") from error
+        self.restored_step = epoch * self.updates_per_epoch
+        self.model._initial_epoch = epoch
+        logging.info("Resumed from %s (update step %d).", state, self.restored_step)
+
+    def _try_restore(self, step, path):
+        """Loads the backup at `path` if it passes its checks.
+
+        Returns:
+            None once loaded; otherwise why not (also logged as a warning).
+        """
+        try:
+            check_backup(path, step)
+            if step % self.updates_per_epoch:
+                raise ValueError(f"step {step} is not a multiple of --checkpoint_every_steps="
+                                 f"{self.updates_per_epoch}")
+            self._load(os.path.join(path, STATE_FILENAME), step)
+        except (OSError, tf.errors.OpError, ValueError) as error:
+            logging.warning("Skipping backup %s: %s.", path, error)
+            return str(error)
+        return None
+
+    def _load(self, state_path, step):
+        """Loads weights and optimizer state; checks the optimizer counts `step` updates."""
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(state_path)
+        loaded = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if loaded != step:
+            raise ValueError(f"its optimizer state is at step {loaded}, not {step}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        path = self._write(step, epoch + 1)
+        _fault_point("renamed", step)
+        self._prune(keep=(path, self._kept))
+        self._kept = path
+
+    def _write(self, step, epoch):
+        """Writes the backup of `step` under a temporary name and renames it into place; on a
+        remote file system, straight into place (its manifest, written last, completes it).
+
+        Returns:
+            The path of the complete backup directory.
+
+        Raises:
+            BackupError: the disk is full; the partial backup is removed, older ones kept.
+        """
+        tf.io.gfile.makedirs(self.backup_dir)
+        final = os.path.join(self.backup_dir, backup_name(step))
+        # Object stores cannot rename a directory atomically (`ram://` even loses its files).
+        partial = final if _is_remote(final) else os.path.join(
+            self.backup_dir, _TEMPORARY_PREFIX + backup_name(step))
+        needed = state_bytes(self.model)
+        # Leftovers of an interrupted write; remote, also a damaged backup of this step (skipped
+        # at restore), removed before a byte is written so that no old manifest vouches for it.
+        _remove(partial)
+        with _removed_on_failure(partial, self.backup_dir, needed):
+            _check_free_space(self.backup_dir, needed)
+            tf.io.gfile.makedirs(partial)
+            self._write_contents(partial, step, epoch)
+            if partial != final:
+                _remove(final)  # a damaged backup of the same step, skipped at restore
+                os.rename(partial, final)
+                _fsync_directory(self.backup_dir)
+        self._link_latest(final)
+        return final
+
+    def _write_contents(self, directory, step, epoch):
+        """The state file, then the manifest (last: its presence means the rest is whole)."""
+        state = os.path.join(directory, STATE_FILENAME)
+        write_state_file(self.model, state)
+        _fault_point("weights", step)
+        size = tf.io.gfile.stat(state).length
+        manifest = {
+            "step": step,
+            "epoch": epoch,
+            "files": {STATE_FILENAME: {"size": size, "sha256": _sha256(state)}},
+        }
+        _write_file(os.path.join(directory, MANIFEST_FILENAME),
+                    json.dumps(manifest, indent=1).encode())
+        _fsync_directory(directory)
+        _fault_point("manifest", step)
+
+    def _link_latest(self, final):
+        """Points BACKUP_DIR/latest.weights.h5 at the newest state file (for people and tools;
+        restoring never follows it). Local file systems only: object stores have no links."""
+        if _is_remote(final):
+            return
+        link = os.path.join(self.backup_dir, LATEST_LINK)
+        temporary = os.path.join(self.backup_dir, _TEMPORARY_PREFIX + LATEST_LINK)
+        _remove(temporary)
+        os.symlink(os.path.join(os.path.basename(final), STATE_FILENAME), temporary)
+        os.replace(temporary, link)
+
+    def _prune(self, keep):
+        """Removes backups and leftovers of interrupted writes, except the paths in `keep`."""
+        for _, path in list_backups(self.backup_dir):
+            if path not in keep:
+                _remove(path)
+        for name in _listdir(self.backup_dir):
+            if name.startswith(_TEMPORARY_PREFIX) or name == KERAS_METADATA:
+                _remove(os.path.join(self.backup_dir, name))
+
+
+class AtomicWeightsCheckpoint(keras.callbacks.Callback):
+    """Saves `model.save_weights` to `pattern.format(step=...)` at each epoch end, atomically.
+
+    Keras's `ModelCheckpoint` writes the file in place, so a kill leaves a truncated one.
+
+    Args:
+        pattern: the file name with a `{step}` field, such as "DIR/ckpt-{step:07d}.weights.h5";
+            the step is the optimizer's update count.
+    """
+
+    def __init__(self, pattern):
+        super().__init__()
+        self.pattern = pattern
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        path = self.pattern.format(step=step)
+        write_weights_atomically(self.model, path, state_bytes(self.model))
