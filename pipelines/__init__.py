@@ -17,10 +17,12 @@ _EXPORTS = {
     "shard_files": "pipelines.dataset",
     "MissingFileError": "pipelines.errors",
     "UserError": "pipelines.errors",
+    "EmptyShardError": "pipelines.info",
     "describe_source": "pipelines.info",
     "load_dataset_info": "pipelines.info",
     "preprocess_for_eval": "pipelines.preprocess",
     "CorruptSourceError": "pipelines.sources",
+    "ImageTooLargeError": "pipelines.sources",
     "convert": "pipelines.writer",
 }
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import operator
 import os
 import struct
 
@@ -30,6 +31,7 @@ from absl import logging
 
 from pipelines import augment as augment_lib, compiled_ops, info as info_lib, preprocess, records
 from pipelines.errors import UserError
+from pipelines.info import EmptyShardError
 
 AUTOTUNE = tf.data.AUTOTUNE
 _BAD_RECORD_MODES = ("skip", "fail")
@@ -46,26 +48,42 @@ class BadRecordCounter:
     """Counts the records a pipeline skipped (`on_bad_record="skip"`).
 
     Pass one to `build_dataset(bad_record_counter=...)` and read it while or after iterating.
-    Two kinds of bad data are counted:
-    * broken shards (truncated file, corrupt record framing), found when the pipeline is built;
-      the complete records before the break are still read. Listed in `shard_errors`.
+    Three kinds of bad data are counted:
+    * broken shards (truncated file, corrupt record framing, fewer records than
+      dataset_info.json lists), found when the pipeline is built; the complete records before
+      the break are still read.
+    * shards that end early while being read: a record whose CRC does not match ends its shard
+      (TFRecord readers cannot resynchronize); the records of the shard that were not delivered
+      are counted against the shard's count (dataset_info.json, else the framing scan).
     * records whose Example cannot be parsed or whose image cannot be decoded; each is logged
       (absl/TF warning with the shard's file name) and counted as `seen - delivered`.
+    The first two are listed, per shard, in `shard_errors`.
 
-    `count` is exact once an iterator is exhausted (eval); while training it may lag by the few
-    records in flight inside the parallel decode.
+    `count` is exact once an iterator is exhausted (eval); while training it may lag by the
+    records in flight inside the parallel decode and by the shards being read.
     """
 
     def __init__(self):
         with tf.init_scope(), tf.device("/cpu:0"):
             self._seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_seen")
             self._delivered = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_ok")
-        #: Broken shard path -> (what is wrong, number of records lost).
-        self.shard_errors: dict[str, tuple[str, int]] = {}
+        self._build_errors: dict[str, tuple[str, int]] = {}
+        self._tallies: list[_ShardTally] = []
 
     def add_shard_error(self, path: str, message: str, num_lost: int) -> None:
         """Records that `num_lost` records of the shard at `path` are unreadable, and why."""
-        self.shard_errors[path] = (message, num_lost)
+        self._build_errors[path] = (message, num_lost)
+
+    @property
+    def shard_errors(self) -> dict[str, tuple[str, int]]:
+        """Broken shard path -> (what is wrong, number of its records not delivered)."""
+        errors = dict(self._build_errors)
+        for tally in self._tallies:
+            for path, (message, num_lost) in tally.shortfalls().items():
+                if path in errors:
+                    message, num_lost = f"{errors[path][0]}; {message}", errors[path][1] + num_lost
+                errors[path] = (message, num_lost)
+        return errors
 
     @property
     def num_bad_records(self) -> int:
@@ -77,11 +95,58 @@ class BadRecordCounter:
         """Total skipped records: undecodable records plus records lost in broken shards."""
         return self.num_bad_records + sum(n for _, n in self.shard_errors.values())
 
+    def _new_tally(self, files, expected) -> _ShardTally:
+        tally = _ShardTally(list(files), list(expected))
+        self._tallies.append(tally)
+        return tally
+
     def _mark_seen(self):
         return self._seen.assign_add(1, read_value=False)
 
     def _mark_delivered(self, num_records):
         return self._delivered.assign_add(tf.cast(num_records, tf.int64), read_value=False)
+
+
+class _ShardTally:
+    """Per shard of one pipeline: records read, complete passes, and the records a pass holds.
+
+    A pass over a shard that delivers fewer than `expected` records ended early (a corrupt
+    record); `shortfalls` counts the difference.
+    """
+
+    def __init__(self, files: list[str], expected: list[int]):
+        self.files = files
+        self.expected = expected  # records one pass delivers; -1: unknown
+        with tf.init_scope(), tf.device("/cpu:0"):
+            self.read = tf.Variable(tf.zeros([len(files)], tf.int64), trainable=False,
+                                    name="shard_records_read")
+            self.passes = tf.Variable(tf.zeros([len(files)], tf.int64), trainable=False,
+                                      name="shard_passes")
+
+    def shortfalls(self) -> dict[str, tuple[str, int]]:
+        """Shard path -> (message, records not delivered) for the shards that ended early."""
+        read, passes = self.read.numpy(), self.passes.numpy()
+        out = {}
+        for path, expected, num_read, num_passes in zip(self.files, self.expected, read, passes):
+            lost = int(num_passes * expected - num_read)
+            if expected >= 0 and num_passes and lost > 0:
+                out[path] = (
+                    f"a corrupt record (CRC mismatch) or a read error ended the shard early: "
+                    f"{int(num_read)} "
+                    f"records read in {int(num_passes)} pass(es) of {expected}", lost)
+        return out
+
+    def count_read(self, index):
+        """Op: one more record read from shard `index` (int64 scalar)."""
+        return _scatter_add_one(self.read, index)
+
+    def count_pass(self, index):
+        """Op: one more complete pass over shard `index` (int64 scalar)."""
+        return _scatter_add_one(self.passes, index)
+
+
+def _scatter_add_one(variable, index):
+    return variable.scatter_add(tf.IndexedSlices(tf.ones([1], tf.int64), tf.reshape(index, [1])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +259,19 @@ def scan_shard(path: str) -> tuple[int, str | None]:
     return count, None
 
 
+def _shard_problem(path, num_ok, error, recorded):
+    """What is wrong with a scanned shard, or None: broken framing, or fewer records than listed."""
+    if error is not None or recorded is None:
+        return error
+    if num_ok < recorded:
+        return (f"it holds {num_ok} complete records but {info_lib.INFO_FILENAME} lists "
+                f"{recorded} (the shard ends early)")
+    if num_ok > recorded:
+        logging.warning("Shard %s holds %d records, %s lists %d; reading all of them.",
+                        path, num_ok, info_lib.INFO_FILENAME, recorded)
+    return None
+
+
 def _check_shards(files, counts, policy: _BadRecordPolicy, num_threads=8):
     """Scans the shards for broken framing and applies `policy` to the broken ones.
 
@@ -203,15 +281,19 @@ def _check_shards(files, counts, policy: _BadRecordPolicy, num_threads=8):
         policy: "fail" raises; "skip" logs and counts the lost records in `policy.counter`.
 
     Returns:
-        Per file, how many records to read: -1 for all, else the complete records before the break.
+        `(limits, expected)`: per file, how many records to read (-1 for all, else the complete
+        records before the break) and how many a pass over it must deliver.
 
     Raises:
-        CorruptShardError: a shard is broken and `policy.mode` is "fail".
+        CorruptShardError: a shard is broken or shorter than listed and `policy.mode` is "fail".
+        EmptyShardError: no shard of this pipeline has a readable record.
     """
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
         scans = list(pool.map(scan_shard, files))
-    limits = []
+    limits, expected = [], []
     for path, (num_ok, error) in zip(files, scans):
+        error = _shard_problem(path, num_ok, error, counts.get(path))
+        expected.append(num_ok)
         if error is None:
             limits.append(-1)
             continue
@@ -226,7 +308,11 @@ def _check_shards(files, counts, policy: _BadRecordPolicy, num_threads=8):
                         num_lost, path, error, num_ok)
         policy.counter.add_shard_error(path, error, num_lost)
         limits.append(num_ok)
-    return limits
+    if not any(expected):
+        raise EmptyShardError(
+            f"None of the {len(files)} shards {files[:3]}... has a readable record; re-create "
+            "them with tools/convert_data.py.")
+    return limits, expected
 
 
 def _repeat(ds, count):
@@ -234,26 +320,83 @@ def _repeat(ds, count):
     return ds if count is None else ds.repeat(None if count < 0 else count)
 
 
-def _read_shard(path, limit):
-    """The first `limit` (-1: all) records of one shard, each as `(serialized Example, path)`."""
-    return tf.data.TFRecordDataset(path, buffer_size=8 << 20).take(limit).map(lambda r: (r, path))
+def _read_shard(path, limit, index, expected, *, tally: _ShardTally, fail: bool):
+    """The first `limit` (-1: all) records of one shard, each as `(serialized Example, path)`.
+
+    A corrupt record (CRC mismatch) ends its shard: a TFRecord reader cannot find the next
+    record, and its `DataLossError` does not name the file. So the error is dropped here, each
+    record read is counted in `tally` (shard `index`), and at the end of the shard
+    `_end_of_shard` counts the pass, which lets `tally` count the `expected` records that were
+    not delivered (skip mode) or raises naming the shard (fail mode).
+    """
+
+    def counted(record):
+        with tf.control_dependencies([tally.count_read(index)]):
+            return tf.identity(record), path
+
+    records = _map_inline(tf.data.TFRecordDataset(path, buffer_size=8 << 20).take(limit), counted)
+    end = functools.partial(_end_of_shard, path=path, index=index, expected=expected,
+                            tally=tally, fail=fail)
+    marker = tf.data.Dataset.from_tensors((tf.constant(""), path)).map(end).filter(_never)
+    return records.ignore_errors().concatenate(marker)
 
 
-def _tfrecord_elements(files, limits, order: _RecordOrder, repeat_count=None):
+def _map_inline(ds, fn):
+    """`ds.map(fn)`, run on the calling thread (a single-threaded executor).
+
+    For a function as small as a counter update, handing each call to the inter-op pool costs
+    several times what the update itself does (docs/data.md, "Bad data"). `tf.data.Dataset.map`
+    does not expose the switch, so this uses tf.data's own `_MapDataset` where it exists.
+    """
+    try:
+        from tensorflow.python.data.ops import map_op
+
+        return map_op._MapDataset(ds, fn, use_inter_op_parallelism=False, preserve_cardinality=True)
+    except (ImportError, AttributeError, TypeError):
+        return ds.map(fn)
+
+
+def _never(*_):
+    return tf.constant(False)
+
+
+def _end_of_shard(record, _, *, path, index, expected, tally: _ShardTally, fail):
+    """Counts a finished pass over shard `index`; fail mode asserts it delivered `expected`."""
+    with tf.control_dependencies([tally.count_pass(index)]):
+        if not fail:
+            return tf.identity(record), path
+        num_read = tf.gather(tally.read, index)
+        passes = tf.gather(tally.passes, index)
+    delivered = num_read - (passes - 1) * expected
+    assertion = tf.debugging.Assert(
+        tf.logical_or(expected < 0, num_read >= passes * expected),
+        ["TFRecord shard", path, "ended after", delivered, "of its", expected,
+         "records: a corrupt record (CRC mismatch) or a read error. Re-create the shard with "
+         "tools/convert_data.py, or pass on_bad_record='skip' to count its missing records."])
+    with tf.control_dependencies([assertion]):
+        return tf.identity(record), path
+
+
+def _tfrecord_elements(files, plan, order: _RecordOrder, repeat_count=None):
     """Dataset of `(serialized Example string, shard file name string)`.
 
-    `repeat_count` repeats the (reshuffled) file list, so the reading and decoding never drain
-    at an epoch boundary (a record-level repeat after the record shuffle would wait for the
-    shuffle buffer to refill every epoch).
+    `plan` is `(limits, expected, tally, fail)`, see `_read_shard`. `repeat_count` repeats the
+    (reshuffled) file list, so the reading and decoding never drain at an epoch boundary (a
+    record-level repeat after the record shuffle would wait for the shuffle buffer to refill
+    every epoch).
     """
-    ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(limits, tf.int64)))
+    limits, expected, tally, fail = plan
+    ds = tf.data.Dataset.from_tensor_slices((
+        files, tf.constant(limits, tf.int64), tf.range(len(files), dtype=tf.int64),
+        tf.constant(expected, tf.int64)))
     if order.training:
         ds = ds.shuffle(len(files), seed=order.seed, reshuffle_each_iteration=True)
     ds = _repeat(ds, repeat_count)
+    read_shard = functools.partial(_read_shard, tally=tally, fail=fail)
     if not order.training:  # shard after shard: eval sees the examples in the order written
-        return ds.flat_map(_read_shard)
+        return ds.flat_map(read_shard)
     return ds.interleave(
-        _read_shard,
+        read_shard,
         cycle_length=min(len(files), 16),
         block_length=1,
         num_parallel_calls=AUTOTUNE,
@@ -278,9 +421,14 @@ def _tfrecord_source(source, split, input_context, order, policy, repeat_files):
     all_files, info = info_lib.resolve_shards(source, split)
     files, record_shard = _files_of_pipeline(all_files, input_context)
     counts = info_lib.expected_counts(files, info, split)
-    limits = _check_shards(files, counts, policy) if policy.check_shards else [-1] * len(files)
+    if policy.check_shards:
+        limits, expected = _check_shards(files, counts, policy)
+    else:
+        limits, expected = [-1] * len(files), [counts.get(f, -1) for f in files]
+    tally = policy.counter._new_tally(files, expected)
     file_repeat_count = order.repeat_count if repeat_files else None
-    elements = _tfrecord_elements(files, limits, order, file_repeat_count)
+    plan = (limits, expected, tally, policy.mode == "fail")
+    elements = _tfrecord_elements(files, plan, order, file_repeat_count)
     if record_shard is not None:
         elements = elements.shard(record_shard.num_input_pipelines, record_shard.input_pipeline_id)
     return elements, info
@@ -588,6 +736,15 @@ def _check_choice(name, value, choices):
         raise UserError(f"{name} must be one of {choices}, got {value!r}.")
 
 
+def _check_positive(name, value):
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise UserError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
 def _repeat_count(repeat) -> int | None:
     """`build_dataset(repeat=...)` (True/False/None or a count) -> None, -1 (forever) or n."""
     if repeat is True:
@@ -696,14 +853,22 @@ def build_dataset(
 
     Raises:
         UserError: an unknown `on_bad_record`, `augment` or `resize_kernel`, a malformed
-            `randaugment`, a `central_crop_fraction` outside (0, 1]; mixup without `num_classes`.
-        MissingFileError: no shards of `split` at a TFRecord `source`.
-        CorruptShardError: a broken shard with `on_bad_record="fail"`.
+            `randaugment`, a `central_crop_fraction` outside (0, 1], a `batch_size` or
+            `image_size` below 1; mixup without `num_classes`.
+        MissingFileError: no shards of `split` at a TFRecord `source`, or a listed shard is
+            missing (names it).
+        EmptyShardError: a zero-byte shard, a split without examples, or no readable record.
+        CorruptShardError: a broken shard (truncated, corrupt framing, fewer records than
+            dataset_info.json lists) with `on_bad_record="fail"`.
+        tf.errors.InvalidArgumentError: (while iterating, fail mode) a corrupt record or a
+            shard that ends early, naming the shard.
         CompiledOpError: `resize_kernel="compiled"` and the op cannot be built or loaded.
     """
     _check_choice("on_bad_record", on_bad_record, _BAD_RECORD_MODES)
     _check_choice("augment", augment, AUGMENT_MODES)
     _check_choice("resize_kernel", resize_kernel, compiled_ops.RESIZE_KERNELS)
+    _check_positive("batch_size", batch_size)
+    _check_positive("image_size", image_size)
     source = os.fspath(source)
     training = split == "train" if training is None else training
     order = _record_order(training, deterministic, seed, repeat, shuffle_buffer, cache)

@@ -10,15 +10,30 @@ Layout (written by `pipelines.convert`, merged across splits)::
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 
 import tensorflow as tf
+from absl import logging
 
 from pipelines.errors import MissingFileError, UserError
 
 INFO_FILENAME = "dataset_info.json"
 TFDS_PREFIX = "tfds:"
+#: What `pipelines.convert` puts in the names of the shards it is still writing (hidden names
+#: `.{split}-...tfrecord.tmp-...`; earlier versions wrote `{split}-...tfrecord.tmp-...`, which a
+#: `{split}-*` pattern matches). Such files are never read.
+TMP_MARKER = ".tmp-"
+
+
+class EmptyShardError(UserError):
+    """A TFRecord shard holds no records (a zero-byte file), or a split has no examples."""
+
+
+def is_temporary(path: str) -> bool:
+    """Is `path` a shard that a conversion was still writing (left by a killed run)?"""
+    return TMP_MARKER in os.path.basename(path)
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
@@ -101,6 +116,29 @@ def write_dataset_info(output_dir: str, split: str, split_info: dict, common: di
         UserError: the split's class names or label offset disagree with those already recorded.
     """
     path = os.path.join(output_dir, INFO_FILENAME)
+    info = check_mergeable(output_dir, split, common)
+    splits = dict(info.get("splits", {}))
+    splits[split] = split_info
+    merged = {**common, "splits": dict(sorted(splits.items()))}
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        json.dump(merged, f, indent=2)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    return merged
+
+
+def check_mergeable(output_dir: str, split: str, common: dict) -> dict:
+    """Checks that a split with `common` entries can be merged into `output_dir`'s json.
+
+    `pipelines.convert` calls it before writing any shard, so a mismatch destroys nothing.
+
+    Returns:
+        The info already there (`{}` when there is none).
+
+    Raises:
+        UserError: the split's class names or label offset disagree with those already recorded.
+    """
+    path = os.path.join(output_dir, INFO_FILENAME)
     info = load_dataset_info(path) or {}
     if info.get("class_names") not in (None, common["class_names"]):
         raise UserError(
@@ -113,14 +151,72 @@ def write_dataset_info(output_dir: str, split: str, split_info: dict, common: di
             f"{path} has label_offset={info['label_offset']} but this split uses "
             f"{common['label_offset']}; use one label offset per directory."
         )
-    splits = dict(info.get("splits", {}))
-    splits[split] = split_info
-    merged = {**common, "splits": dict(sorted(splits.items()))}
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        json.dump(merged, f, indent=2)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-    return merged
+    return info
+
+
+def _shard_size(path: str) -> int | None:
+    """The file's size in bytes, None when it does not exist."""
+    try:
+        return tf.io.gfile.stat(path).length
+    except tf.errors.NotFoundError:
+        return None
+
+
+def check_shard_files(files: list[str], what: str, num_threads: int = 8) -> None:
+    """Checks that every shard exists and is not empty (one `stat` per file, in threads).
+
+    Args:
+        files: shard paths.
+        what: names the dataset and split in the messages, e.g. `"/data/c10 split 'test'"`.
+
+    Raises:
+        MissingFileError: a shard does not exist; names it and how many are missing.
+        EmptyShardError: a shard is a zero-byte file; names it.
+    """
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        sizes = list(pool.map(_shard_size, files))
+    missing = [f for f, size in zip(files, sizes) if size is None]
+    if missing:
+        raise MissingFileError(
+            f"{what}: {len(missing)} of {len(files)} shards are missing, e.g. {missing[0]}; "
+            "re-run tools/convert_data.py."
+        )
+    empty = [f for f, size in zip(files, sizes) if size == 0]
+    if empty:
+        raise EmptyShardError(
+            f"{what}: TFRecord shard {empty[0]} is empty (0 bytes; {len(empty)} of {len(files)} "
+            "shards are), e.g. from a conversion that was killed or a copy that failed. "
+            "Re-create it with tools/convert_data.py."
+        )
+
+
+def _listed_shards(source: str, info: dict | None, split: str) -> list[str] | None:
+    """The shard paths `info` lists for `split` of directory `source`, None when it lists none.
+
+    Raises:
+        EmptyShardError: the json lists the split with no shards or no examples.
+    """
+    split_info = (info or {}).get("splits", {}).get(split)
+    if split_info is None or "shards" not in split_info:
+        return None
+    if not split_info["shards"] or split_info.get("num_examples", 1) == 0:
+        raise EmptyShardError(
+            f"Split '{split}' of {source} is empty: {INFO_FILENAME} lists "
+            f"{len(split_info['shards'])} shards and {split_info.get('num_examples')} examples. "
+            "Convert a split that has examples (tools/convert_data.py)."
+        )
+    return [os.path.join(source, s["file"]) for s in split_info["shards"]]
+
+
+def _glob_shards(pattern: str) -> list[str]:
+    """The sorted files matching `pattern`, without the temporaries of a killed conversion."""
+    files = sorted(tf.io.gfile.glob(pattern))
+    leftovers = [f for f in files if is_temporary(f)]
+    if leftovers:
+        logging.warning(
+            "Not reading %d temporary file(s) a killed conversion left, e.g. %s; the next "
+            "conversion of this split removes them.", len(leftovers), leftovers[0])
+    return [f for f in files if not is_temporary(f)]
 
 
 def resolve_shards(source: str, split: str) -> tuple[list[str], dict | None]:
@@ -128,7 +224,8 @@ def resolve_shards(source: str, split: str) -> tuple[list[str], dict | None]:
 
     Args:
         source: a directory written by `pipelines.convert` (its json's shard list, else its
-            `{split}-*` files) or a TFRecord file pattern.
+            `{split}-*` files) or a TFRecord file pattern. Temporary files of a killed
+            conversion (`*.tmp-*`) are never read.
         split: the split's name.
 
     Returns:
@@ -136,23 +233,18 @@ def resolve_shards(source: str, split: str) -> tuple[list[str], dict | None]:
 
     Raises:
         MissingFileError: no shards match, or shards the json lists are missing; names the source.
+        EmptyShardError: the json lists the split without examples, or a shard is a zero-byte
+            file; names the split or the shard.
     """
     source = os.fspath(source)
     info = load_dataset_info(source)
-    if tf.io.gfile.isdir(source):
-        if info is not None and split in info.get("splits", {}) and "shards" in info["splits"][split]:
-            files = [os.path.join(source, s["file"]) for s in info["splits"][split]["shards"]]
-            missing = [f for f in files if not tf.io.gfile.exists(f)]
-            if missing:
-                raise MissingFileError(
-                    f"{source}/{INFO_FILENAME} lists {len(files)} '{split}' shards but "
-                    f"{len(missing)} are missing, e.g. {missing[0]}; re-run tools/convert_data.py."
-                )
-            return files, info
-        pattern = os.path.join(source, f"{split}-*")
-    else:
-        pattern = source
-    files = sorted(tf.io.gfile.glob(pattern))
+    is_dir = tf.io.gfile.isdir(source)
+    listed = _listed_shards(source, info, split) if is_dir else None
+    if listed is not None:
+        check_shard_files(listed, f"{source}/{INFO_FILENAME}, split '{split}'")
+        return listed, info
+    pattern = os.path.join(source, f"{split}-*") if is_dir else source
+    files = _glob_shards(pattern)
     if not files:
         known = sorted(info["splits"]) if info else []
         raise MissingFileError(
@@ -160,6 +252,7 @@ def resolve_shards(source: str, split: str) -> tuple[list[str], dict | None]:
             + (f" (dataset_info.json lists splits {known})" if info else "")
             + ". Expected a directory written by tools/convert_data.py, a file pattern, or tfds:NAME."
         )
+    check_shard_files(files, f"{pattern!r}, split '{split}'")
     return files, info
 
 
@@ -181,6 +274,8 @@ def describe_source(
 ) -> tuple[list[str] | None, int | None]:
     """The class names and the number of examples of a split, where the dataset info has them.
 
+    Called before a run starts, so it also checks the shards the info lists (a `stat` each).
+
     Args:
         source: a converted directory, a TFRecord file pattern, a json file or `tfds:NAME`.
         split: the split's name.
@@ -190,6 +285,10 @@ def describe_source(
         `(class_names or None, number of examples in split or None)`. For a file pattern the
         count is the sum over the matched shards recorded in dataset_info.json, None when any
         matched shard is not recorded there.
+
+    Raises:
+        MissingFileError: a shard the info lists is missing.
+        EmptyShardError: the split is listed without examples, or a shard is a zero-byte file.
     """
     source = os.fspath(source)
     info = load_dataset_info(source, tfds_data_dir)
@@ -199,9 +298,14 @@ def describe_source(
     split_info = info.get("splits", {}).get(split)
     if split_info is None:
         return class_names, None
-    if source.startswith(TFDS_PREFIX) or tf.io.gfile.isdir(source) or source.endswith(".json"):
+    if source.startswith(TFDS_PREFIX) or source.endswith(".json"):
         return class_names, split_info.get("num_examples")
-    files = sorted(tf.io.gfile.glob(source))
+    if tf.io.gfile.isdir(source):
+        listed = _listed_shards(source, info, split)
+        if listed is not None:
+            check_shard_files(listed, f"{source}/{INFO_FILENAME}, split '{split}'")
+        return class_names, split_info.get("num_examples")
+    files = _glob_shards(source)
     counts = expected_counts(files, info, split)
     if not files or len(counts) != len(files):
         return class_names, None

@@ -68,7 +68,8 @@ def encode_example(
         label: the class index as stored (already including any label offset).
         height, width: image size in pixels.
         class_text: optional class name.
-        filename: optional origin of the image (relative path, archive member...).
+        filename: optional origin of the image (relative path, archive member...); a file name
+            that was not valid UTF-8 (surrogate escapes, as `os` gives it) keeps its bytes.
 
     Returns:
         The serialized proto. Serialization is deterministic (map keys sorted), so the same
@@ -84,7 +85,7 @@ def encode_example(
     if class_text is not None:
         feature[CLASS_TEXT] = _bytes(class_text.encode())
     if filename is not None:
-        feature[FILENAME] = _bytes(filename.encode())
+        feature[FILENAME] = _bytes(filename.encode("utf-8", "surrogateescape"))
     example = tf.train.Example(features=tf.train.Features(feature=feature))
     return example.SerializeToString(deterministic=True)
 

@@ -25,7 +25,9 @@ import dataclasses
 import io
 import json
 import os
+import struct
 import tarfile
+import zlib
 from typing import Callable, Iterator
 
 import numpy as np
@@ -38,10 +40,32 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 DIGITS_TRAIN_FRACTION = 0.8
 DIGITS_SIZE = 32
 SPLITS = ("train", "test")
+#: Default `max_image_pixels`: PIL's own decompression-bomb threshold (89,478,485 pixels, about
+#: 9459 x 9459). A `folder:` or `tfds:` image with more pixels (from its header, before any
+#: decoding) is refused with `ImageTooLargeError`.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+#: The most bytes one file of a CIFAR archive or folder may hold (the largest real one, CIFAR-100's
+#: python `train`, is 155 MB). A larger member, e.g. of a decompression bomb, is refused from its
+#: size in the archive's header, before it is decompressed.
+MAX_MEMBER_BYTES = 256 << 20
 
 
 class CorruptSourceError(UserError):
     """An input file is truncated, corrupt or not in the expected format."""
+
+
+class ImageTooLargeError(UserError):
+    """An image has more pixels than `max_image_pixels` allows."""
+
+
+def shown(path: str) -> str:
+    """`path` for a message: as it is, or its `repr` when it is not valid UTF-8 (undecodable
+    bytes of a file name become surrogate escapes, which cannot be printed)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return ascii(path)
+    return path
 
 
 class UnsafePickleError(CorruptSourceError, safe_pickle.ForbiddenGlobalError):
@@ -144,29 +168,86 @@ def _load_class_index(path: str) -> tuple[dict[str, int], list[str]]:
     )
 
 
-def _folder_record(path: str, relname: str, label: int) -> Record:
-    with open(path, "rb") as f:
-        data = f.read()
+def _check_pixels(width, height, where, max_image_pixels) -> None:
+    if max_image_pixels is not None and width * height > max_image_pixels:
+        raise ImageTooLargeError(
+            f"{where}: {width} x {height} = {width * height:,} pixels is more than "
+            f"max_image_pixels={max_image_pixels:,}. Downscale the image, remove it, or convert "
+            "with a larger --max_image_pixels."
+        )
+
+
+def _decoded_image_info(data: bytes, where: str, max_image_pixels) -> tuple[int, int, str | None,
+                                                                             np.ndarray | None]:
+    """Decodes `data` fully, so a truncated or corrupt image is refused here, not in training.
+
+    (PIL's `verify()` does not notice a truncated file; `load()` does.)
+
+    Returns:
+        `(width, height, "jpeg"/"png" or None, RGB pixels when the format is another one)`.
+
+    Raises:
+        ImageTooLargeError: more pixels than `max_image_pixels` (from the header, not decoded).
+        CorruptSourceError: not a readable image, or truncated; names `where`.
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
+            _check_pixels(width, height, where, max_image_pixels)
+            image.load()
             fmt = preprocess.sniff_format(data)
             if fmt in ("jpeg", "png"):
-                return Record(data, fmt, label, height, width, relname)
+                return width, height, fmt, None
             # Converted losslessly; GIFs keep their first frame, as tf.io.decode_image does.
-            pixels = np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return width, height, None, np.asarray(image.convert("RGB"))
+    except UserError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(
+            f"{where}: {e} Downscale the image or remove it and convert again.") from e
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as e:
         raise CorruptSourceError(
-            f"{path}: not a readable image ({e}). Remove or replace the file and convert again."
+            f"{where}: not a readable image, or truncated ({type(e).__name__}: {e}). Remove or "
+            "replace the file and convert again."
         ) from e
+
+
+def _folder_record(path: str, relname: str, label: int, max_image_pixels) -> Record:
+    with open(path, "rb") as f:
+        data = f.read()
+    width, height, fmt, pixels = _decoded_image_info(data, shown(path), max_image_pixels)
+    if pixels is None:
+        return Record(data, fmt, label, height, width, relname)
     return Record(encode_png(pixels), "png", label, height, width, relname)
 
 
-def folder_source(root: str, split: str, class_index: str | None = None) -> ImageSource:
-    """Image-folder tree: `root/<class>/**/<image>`; see the module docstring."""
+def _class_folders(root: str) -> list[str]:
+    """The sorted class folder names of `root`.
+
+    Raises:
+        UserError: a class folder's name is not valid UTF-8 (class names are stored as text).
+    """
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    for name in folders:
+        if shown(name) != name:
+            raise UserError(
+                f"folder:{root}: the class folder name {ascii(name)} is not valid UTF-8; class "
+                "names are stored as text. Rename the folder."
+            )
+    return folders
+
+
+def folder_source(root: str, split: str, class_index: str | None = None,
+                  max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> ImageSource:
+    """Image-folder tree: `root/<class>/**/<image>`; see the module docstring.
+
+    Every image is decoded fully when read (truncated files are refused); one with more than
+    `max_image_pixels` pixels is refused. File names that are not valid UTF-8 are stored with
+    their original bytes (`image/filename`).
+    """
     if not os.path.isdir(root):
         raise MissingFileError(f"folder:{root} is not a directory.")
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    folders = _class_folders(root)
     stray = sorted(
         e.name for e in os.scandir(root)
         if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
@@ -203,7 +284,7 @@ def folder_source(root: str, split: str, class_index: str | None = None) -> Imag
 
     def read(start, stop):
         for path, relname, label in entries[start:stop]:
-            yield _folder_record(path, relname, label)
+            yield _folder_record(path, relname, label, max_image_pixels)
 
     return ImageSource(f"folder:{root}", class_names, len(entries), read)
 
@@ -211,54 +292,101 @@ def folder_source(root: str, split: str, class_index: str | None = None) -> Imag
 # ----------------------------------------------------------------------------- CIFAR
 
 
+def _too_large(where: str, size: int) -> CorruptSourceError:
+    return CorruptSourceError(
+        f"{where}: {size:,} bytes (decompressed) is more than the {MAX_MEMBER_BYTES:,} a CIFAR "
+        "file can hold; this is not a CIFAR archive (possibly a decompression bomb)."
+    )
+
+
 def _read_file(path: str) -> bytes:
+    size = os.path.getsize(path)
+    if size > MAX_MEMBER_BYTES:
+        raise _too_large(path, size)
     with open(path, "rb") as f:
         return f.read()
 
 
+def _not_a_file(where: str, member: tarfile.TarInfo) -> Callable[[], bytes]:
+    """A reader for an archive member that is a link or a special file: it raises, naming it."""
+    what = f"a link to {member.linkname!r}" if member.issym() or member.islnk() else "not a file"
+
+    def read():
+        raise CorruptSourceError(
+            f"{where} is {what}, not a regular file; the CIFAR archives hold regular files only. "
+            "Use the official archive (or extract it and convert the folder)."
+        )
+
+    return read
+
+
 class _Files:
-    """Basename -> bytes for the files of an archive (.tar.gz) or a directory tree."""
+    """Basename -> bytes for the files of an archive (.tar.gz) or a directory tree.
+
+    Reads are bounded: a file or member over `MAX_MEMBER_BYTES` is refused from its size, so a
+    decompression bomb fails with bounded memory.
+    """
 
     def __init__(self, path: str):
         self.path = path
         self._members: dict[str, Callable[[], bytes]] = {}
+        self._where: dict[str, str] = {}
+        self._regular: dict[str, bool] = {}
         if os.path.isdir(path):
             for dirpath, _, filenames in os.walk(path):
                 for name in filenames:
                     full = os.path.join(dirpath, name)
-                    self._members.setdefault(name, lambda full=full: _read_file(full))
-                    self._members[name + "@path"] = lambda full=full: full
+                    self._add(name, full, lambda full=full: _read_file(full))
         elif os.path.isfile(path):
-            try:
-                self._tar = tarfile.open(path, "r:*")
-                for member in self._tar.getmembers():
-                    if member.isfile():
-                        name = os.path.basename(member.name)
-                        self._members.setdefault(name, lambda m=member: self._extract(m))
-                        self._members[name + "@path"] = lambda m=member: f"{path}:{m.name}"
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise CorruptSourceError(
-                    f"{path}: truncated or corrupt archive ({e}). Download it again."
-                ) from e
+            self._list_archive(path)
         else:
             raise MissingFileError(f"{path} does not exist.")
 
+    def _add(self, name, where, read, regular=True) -> None:
+        """Registers `name`; the first regular file of that basename wins over links."""
+        if name in self._members and (not regular or self._regular[name]):
+            return
+        self._members[name], self._where[name], self._regular[name] = read, where, regular
+
+    def _list_archive(self, path) -> None:
+        try:
+            self._tar = tarfile.open(path, "r:*")
+            for member in self._tar:  # streams: a member's data is skipped, never held
+                name, where = os.path.basename(member.name), f"{path}:{member.name}"
+                if not member.isfile():
+                    if not member.isdir():
+                        self._add(name, where, _not_a_file(where, member), regular=False)
+                    continue
+                if member.size > MAX_MEMBER_BYTES:
+                    raise _too_large(where, member.size)
+                self._add(name, where, lambda m=member: self._extract(m))
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise CorruptSourceError(
+                f"{path}: truncated or corrupt archive ({e}). Download it again."
+            ) from e
+
     def _extract(self, member) -> bytes:
         try:
-            return self._tar.extractfile(member).read()
-        except (tarfile.TarError, EOFError, OSError) as e:
+            data = self._tar.extractfile(member).read(MAX_MEMBER_BYTES + 1)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise CorruptSourceError(
                 f"{self.path}:{member.name}: truncated or corrupt archive ({e}). Download it again."
             ) from e
+        if len(data) > MAX_MEMBER_BYTES:
+            raise _too_large(f"{self.path}:{member.name}", len(data))
+        return data
 
     def has(self, name: str) -> bool:
         return name in self._members
 
     def read(self, name: str) -> bytes:
+        if name not in self._members:
+            raise MissingFileError(f"{self.path} has no file named {name!r}; expected a CIFAR "
+                                   "archive or its extracted folder.")
         return self._members[name]()
 
     def where(self, name: str) -> str:
-        return self._members[name + "@path"]()
+        return self._where.get(name, f"{self.path}:{name}")
 
 
 _CIFAR_LAYOUTS = {
@@ -379,8 +507,12 @@ def cifar_source(kind: str, path: str, split: str) -> ImageSource:
 # ----------------------------------------------------------------------------- TFDS
 
 
-def tfds_source(name: str, split: str, data_dir: str | None) -> ImageSource:
-    """A prepared TFDS dataset; the encoded image bytes are copied, never re-encoded."""
+def tfds_source(name: str, split: str, data_dir: str | None,
+                max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> ImageSource:
+    """A prepared TFDS dataset; the encoded image bytes are copied, never re-encoded.
+
+    Each image is decoded once to check it (as for `folder:`).
+    """
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
@@ -397,19 +529,18 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> ImageSource:
             decoders={image_key: tfds.decode.SkipDecoding()},
         )
         for i, example in enumerate(tfds.as_numpy(ds)):
-            data = example[image_key]
-            fmt = preprocess.sniff_format(data)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if fmt not in ("jpeg", "png"):
-                    data, fmt = encode_png(np.asarray(image.convert("RGB"))), "png"
+            data, where = example[image_key], f"tfds:{name}/{split}:{start + i}"
+            width, height, fmt, pixels = _decoded_image_info(data, where, max_image_pixels)
+            if pixels is not None:
+                data, fmt = encode_png(pixels), "png"
             yield Record(data, fmt, int(example[label_key]), height, width, f"{name}/{split}:{start + i}")
 
     return ImageSource(f"tfds:{name}", class_names, num_examples, read)
 
 
 def open_source(
-    source: str, split: str, *, tfds_data_dir: str | None = None, class_index: str | None = None
+    source: str, split: str, *, tfds_data_dir: str | None = None, class_index: str | None = None,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> ImageSource:
     """Parses `KIND:PATH` and opens it.
 
@@ -418,6 +549,8 @@ def open_source(
         split: `"train"` or `"test"` (any split of a TFDS dataset).
         tfds_data_dir: where prepared TFDS datasets live.
         class_index: for `folder:`, see `folder_source`.
+        max_image_pixels: for `folder:` and `tfds:`, refuse images with more pixels (None: no
+            limit of ours; PIL still refuses over 2 x `Image.MAX_IMAGE_PIXELS`).
 
     Returns:
         The `ImageSource`.
@@ -426,7 +559,9 @@ def open_source(
         UserError: an unknown kind (the message lists the kinds) or split, or a source that is
             not laid out as its kind expects.
         MissingFileError: PATH, or a file its kind needs, does not exist.
-        CorruptSourceError: a file is truncated or corrupt (also raised later, while reading).
+        CorruptSourceError: a file is truncated or corrupt, or an archive member is a link or
+            too large (also raised later, while reading).
+        ImageTooLargeError: (while reading) an image over `max_image_pixels`.
     """
     kind, sep, path = source.partition(":")
     if not sep:
@@ -436,11 +571,11 @@ def open_source(
     if kind == "digits":
         return digits_source(split)
     if kind == "folder":
-        return folder_source(path, split, class_index)
+        return folder_source(path, split, class_index, max_image_pixels)
     if kind in _CIFAR_LAYOUTS:
         return cifar_source(kind, path, split)
     if kind == "tfds":
-        return tfds_source(path, split, tfds_data_dir)
+        return tfds_source(path, split, tfds_data_dir, max_image_pixels)
     raise UserError(
         f"Unknown source kind {kind!r} in {source!r}; expected folder:PATH, cifar10:PATH, "
         "cifar100:PATH, tfds:NAME or digits:."

@@ -1,9 +1,11 @@
 """`convert`: write an `ImageSource` as TFRecord shards plus `dataset_info.json`.
 
 Shard `k` of `n` holds examples `[k*N//n, (k+1)*N//n)` of the source's fixed order, so the
-output is byte-identical for the same input whatever the number of workers. Each shard is written
-to a temporary name and renamed when complete; if any shard fails, the shards of this run are
-removed and no dataset_info.json is written.
+output is byte-identical for the same input whatever the number of workers. Settings are checked
+before the output directory is touched. Each shard is written to a hidden temporary name
+(`.{shard}.tmp-{pid}`, which no `{split}-*` pattern matches); only when every shard is complete
+are they renamed into place, so a failed or killed run leaves the shards of an earlier run and
+its dataset_info.json as they were. The next run of the split removes a killed run's temporaries.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ class _Shard:
     stop: int
 
 
+def _check_at_least_one(name, value) -> None:
+    """`value` is None (the default) or an integer >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise UserError(
+            f"{name} must be an integer >= 1 (or unset for the default), got {value!r}; nothing "
+            "was written.")
+
+
 def _plan_shards(output_dir, split, num_examples, num_shards) -> list[_Shard]:
     """Shard `k` of `n` gets examples `[k*N//n, (k+1)*N//n)`; `n` defaults to `ceil(N / 1250)`.
 
@@ -50,7 +60,7 @@ def _plan_shards(output_dir, split, num_examples, num_shards) -> list[_Shard]:
         The shards in order.
     """
     n = num_examples
-    num_shards = num_shards or math.ceil(n / EXAMPLES_PER_SHARD)
+    num_shards = math.ceil(n / EXAMPLES_PER_SHARD) if num_shards is None else num_shards
     if num_shards > n:
         logging.warning("Only %d examples: writing %d shards instead of %d.", n, n, num_shards)
         num_shards = n
@@ -87,8 +97,14 @@ class _Progress:
         return max(time.time() - self._start_time, 1e-6)
 
 
+def _temporary_path(shard: _Shard) -> str:
+    """Where `shard` is written until every shard of the run is complete: a hidden name."""
+    directory, name = os.path.split(shard.path)
+    return os.path.join(directory, f".{name}{info_lib.TMP_MARKER}{os.getpid()}")
+
+
 def _write_shard(source, shard: _Shard, label_offset, progress: _Progress) -> int:
-    """Writes one shard to a temporary name and renames it when complete.
+    """Writes one shard to its temporary name (`_temporary_path`).
 
     Returns:
         The number of examples written.
@@ -97,30 +113,24 @@ def _write_shard(source, shard: _Shard, label_offset, progress: _Progress) -> in
         RuntimeError: the source yielded another number of examples than `stop - start`.
     """
     path, start, stop = shard.path, shard.start, shard.stop
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     count = 0
-    try:
-        with tf.io.TFRecordWriter(tmp) as writer:
-            for record in source.read(start, stop):
-                writer.write(
-                    records.encode_example(
-                        record.image_bytes,
-                        image_format=record.image_format,
-                        label=record.label + label_offset,
-                        height=record.height,
-                        width=record.width,
-                        class_text=source.class_names[record.label],
-                        filename=record.filename,
-                    )
+    with tf.io.TFRecordWriter(_temporary_path(shard)) as writer:
+        for record in source.read(start, stop):
+            writer.write(
+                records.encode_example(
+                    record.image_bytes,
+                    image_format=record.image_format,
+                    label=record.label + label_offset,
+                    height=record.height,
+                    width=record.width,
+                    class_text=source.class_names[record.label],
+                    filename=record.filename,
                 )
-                count += 1
-                progress.add(1)
-        if count != stop - start:
-            raise RuntimeError(f"{path}: expected {stop - start} examples, read {count}.")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            )
+            count += 1
+            progress.add(1)
+    if count != stop - start:
+        raise RuntimeError(f"{path}: expected {stop - start} examples, read {count}.")
     return count
 
 
@@ -140,18 +150,21 @@ def _wait_showing_progress(futures, progress: _Progress) -> None:
         progress.show()
 
 
-def _remove_this_runs_shards(futures, shards: list[_Shard]) -> None:
-    """After a failure: stops the writers that have not started and removes every shard."""
+def _remove_temporaries(futures, shards: list[_Shard]) -> None:
+    """After a failure: stops the writers that have not started and removes this run's files."""
     for future in futures:
         future.cancel()
     concurrent.futures.wait(futures)
     for shard in shards:
-        if os.path.exists(shard.path):
-            os.remove(shard.path)
+        if os.path.exists(_temporary_path(shard)):
+            os.remove(_temporary_path(shard))
 
 
 def _write_shards(source, shards, label_offset, num_workers, progress: _Progress) -> None:
-    """Writes the shards in `num_workers` threads; if any fails, removes them all and re-raises."""
+    """Writes the shards in `num_workers` threads, then renames them all into place.
+
+    If any fails, removes this run's temporaries (the earlier shards stay) and re-raises.
+    """
     with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
         futures = [
             pool.submit(_write_shard, source, shard, label_offset, progress) for shard in shards
@@ -159,17 +172,42 @@ def _write_shards(source, shards, label_offset, num_workers, progress: _Progress
         try:
             _wait_showing_progress(futures, progress)
         except BaseException:
-            _remove_this_runs_shards(futures, shards)
+            _remove_temporaries(futures, shards)
             raise
+    for shard in shards:
+        os.replace(_temporary_path(shard), shard.path)
+
+
+def _remove_leftover_temporaries(output_dir, split) -> None:
+    """Removes the temporary shards of `split` that a killed conversion left in `output_dir`.
+
+    Both this version's hidden `.{split}-*.tmp-*` names and the `{split}-*.tmp-*` names of
+    earlier versions (which a `{split}-*` pattern matched).
+    """
+    for pattern in (f".{split}-*{info_lib.TMP_MARKER}*", f"{split}-*{info_lib.TMP_MARKER}*"):
+        for leftover in sorted(glob.glob(os.path.join(glob.escape(output_dir), pattern))):
+            logging.warning("Removing %s, left by a conversion that did not finish.", leftover)
+            os.remove(leftover)
 
 
 def _remove_stale_shards(output_dir, split, shards: list[_Shard]) -> None:
     """Removes shards of `split` from an earlier conversion with another number of shards."""
     names = {shard.name for shard in shards}
-    for stale in sorted(glob.glob(os.path.join(output_dir, f"{split}-*-of-*.tfrecord"))):
+    pattern = os.path.join(glob.escape(output_dir), f"{split}-*-of-*.tfrecord")
+    for stale in sorted(glob.glob(pattern)):
         if os.path.basename(stale) not in names:
             logging.warning("Removing stale shard %s from an earlier conversion.", stale)
             os.remove(stale)
+
+
+def _common_info(source, label_offset) -> dict:
+    """The dataset_info.json entries shared by all splits."""
+    return {
+        "source": source.source,
+        "class_names": source.class_names,
+        "num_classes": len(source.class_names),
+        "label_offset": label_offset,
+    }
 
 
 def _write_info(output_dir, split, source, shards, label_offset) -> dict:
@@ -179,12 +217,7 @@ def _write_info(output_dir, split, source, shards, label_offset) -> dict:
         "source": source.source,
         "shards": [{"file": s.name, "num_examples": s.stop - s.start} for s in shards],
     }
-    common = {
-        "source": source.source,
-        "class_names": source.class_names,
-        "num_classes": len(source.class_names),
-        "label_offset": label_offset,
-    }
+    common = _common_info(source, label_offset)
     return info_lib.write_dataset_info(output_dir, split, split_info, common)
 
 
@@ -198,6 +231,7 @@ def convert(
     tfds_data_dir: str | None = None,
     label_offset: int = 0,
     class_index: str | None = None,
+    max_image_pixels: int | None = sources.MAX_IMAGE_PIXELS,
     verbose: bool = True,
 ) -> dict:
     """Converts `source` (`folder:PATH`, `cifar10:PATH`, `cifar100:PATH`, `tfds:NAME`, `digits:`).
@@ -216,29 +250,40 @@ def convert(
             1-based ImageNet labels); recorded in dataset_info.json.
         class_index: for `folder:`, a JSON mapping folder names to class indices (Keras'
             `imagenet_class_index.json` or a list of names); default: sorted folder names.
+        max_image_pixels: `folder:` and `tfds:` images with more pixels (width x height, read
+            from the header before decoding) are refused with `sources.ImageTooLargeError`;
+            default PIL's `Image.MAX_IMAGE_PIXELS` (89,478,485); None: no limit of ours.
         verbose: show a progress bar.
 
     Returns:
         The merged dataset_info dict that was written.
 
     Raises:
-        UserError: the split has no examples, or `output_dir` holds another dataset (see
+        UserError: `num_shards` or `num_workers` below 1 (checked before anything is read or
+            written), the split has no examples, or `output_dir` holds another dataset (see
             `sources.open_source` for the errors of the source itself).
     """
-    src = sources.open_source(source, split, tfds_data_dir=tfds_data_dir, class_index=class_index)
+    _check_at_least_one("num_shards", num_shards)
+    _check_at_least_one("num_workers", num_workers)
+    _check_at_least_one("max_image_pixels", max_image_pixels)
+    src = sources.open_source(source, split, tfds_data_dir=tfds_data_dir, class_index=class_index,
+                              max_image_pixels=max_image_pixels)
     n = src.num_examples
     if n == 0:
         raise UserError(f"{source}: the '{split}' split has no examples.")
+    info_lib.check_mergeable(output_dir, split, _common_info(src, label_offset))
     shards = _plan_shards(output_dir, split, n, num_shards)
     num_workers = num_workers or min(len(shards), os.cpu_count() or 1)
     os.makedirs(output_dir, exist_ok=True)
+    _remove_leftover_temporaries(output_dir, split)
     logging.info("Converting %s (%s, %d examples) into %d shards in %s with %d workers.",
                  source, split, n, len(shards), output_dir, num_workers)
     progress = _Progress(n, verbose)
     try:
         _write_shards(src, shards, label_offset, num_workers, progress)
     except BaseException:
-        logging.error("Conversion of %s failed; removed this run's %s shards.", source, split)
+        logging.error("Conversion of %s failed; removed this run's %s shards (earlier shards "
+                      "are kept).", source, split)
         raise
     elapsed = progress.elapsed()
     logging.info("Wrote %d images in %.1f s (%.0f images/s).", n, elapsed, n / elapsed)

@@ -23,17 +23,24 @@ _SOURCE = flags.DEFINE_string(
     required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write shards.", required=True)
 _SPLIT = flags.DEFINE_string("split", "train", "train or test (any split name for tfds).")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Default: one per 1250 examples.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "Parallel shard writers. Default: CPUs.")
+_NUM_SHARDS = flags.DEFINE_integer(
+    "num_shards", None, "At least 1. Default: one per 1250 examples.")
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", None, "Parallel shard writers, at least 1. Default: CPUs.")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "Data dir of prepared TFDS datasets.")
 _LABEL_OFFSET = flags.DEFINE_integer(
     "label_offset", 0, "Added to 0-based class indices (1 for Model Garden style ImageNet).")
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer(
+    "max_image_pixels", None, "folder:/tfds: refuse images with more pixels (width x height, from "
+    "the header). Default: PIL's Image.MAX_IMAGE_PIXELS (89,478,485).")
 _CLASS_INDEX = flags.DEFINE_string(
     "class_index", None, "folder: JSON mapping folder names to classes (Keras imagenet_class_index.json).")
 
 
 def main(argv):
     del argv
+    limit = _MAX_IMAGE_PIXELS.value
+    limits = {} if limit is None else {"max_image_pixels": limit}
     info = pipelines.convert(
         _SOURCE.value,
         _OUTPUT_DIR.value,
@@ -43,6 +50,7 @@ def main(argv):
         tfds_data_dir=_TFDS_DATA_DIR.value,
         label_offset=_LABEL_OFFSET.value,
         class_index=_CLASS_INDEX.value,
+        **limits,
     )
     split = info["splits"][_SPLIT.value]
     print(json.dumps({"output_dir": _OUTPUT_DIR.value, "split": _SPLIT.value,

@@ -6,11 +6,13 @@ r"""Evaluates a classifier on a dataset: top-1, top-5, per-class accuracy, image
         --confusion_png=confusion.png
 
 Every example of the split is seen exactly once, the final partial batch included, under any
---strategy. See docs/analysis.md.
+--strategy. A corrupt record, or fewer examples evaluated than dataset_info.json lists, is an error
+unless --on_bad_record=skip (then a warning with the count and the shards). See docs/analysis.md.
 """
 
 import json
 
+import tensorflow as tf
 from absl import app, flags, logging
 
 import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-up)
@@ -40,20 +42,71 @@ _LABEL_OFFSET = flags.DEFINE_integer(
 _CENTRAL_CROP = flags.DEFINE_float(
     "central_crop_fraction", None, "Keep this central fraction of each side before resizing.")
 _ON_BAD_RECORD = flags.DEFINE_enum(
-    "on_bad_record", "skip", ["skip", "fail"], "Skip and count undecodable records, or stop.")
+    "on_bad_record", "fail", ["skip", "fail"],
+    "fail: stop at a corrupt record or shard, naming it, and exit with an error when fewer "
+    "examples were evaluated than the dataset lists. skip: skip and count them, and warn.")
 _STRATEGY = flags.DEFINE_enum(
     "strategy", "auto", list(STRATEGIES), "tf.distribute strategy, as for tools/train.py.")
 _TPU = flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu.")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "Data dir of prepared TFDS datasets.")
+_ALLOW_NON_FINITE = flags.DEFINE_bool(
+    "allow_non_finite_weights", False, "Load a model whose weights hold NaN or Inf (refused by "
+    "default).")
+
+
+def _check_flags(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {argv[1:]}; all options are --flags.")
+    if _BATCH_SIZE.value < 1:
+        raise app.UsageError(f"--batch_size must be >= 1, got {_BATCH_SIZE.value}.")
+
+
+def _check_all_evaluated(num_evaluated, expected, counters):
+    """Delivered vs expected: an error unless --on_bad_record=skip (then a warning).
+
+    Raises:
+        pipelines.UserError: fewer or more examples evaluated than the dataset lists.
+    """
+    skipped = sum(counter.count for counter in counters)
+    if expected is None or expected == num_evaluated:
+        return
+    shards = sorted({path for counter in counters for path in counter.shard_errors})
+    message = (f"Evaluated {num_evaluated} examples but {_DATA.value} lists {expected} for split "
+               f"'{_SPLIT.value}' ({skipped} skipped as bad"
+               + (f"; broken shards: {', '.join(shards[:5])}" if shards else "") + ")")
+    if _ON_BAD_RECORD.value == "skip":
+        logging.warning("%s.", message)
+        return
+    raise pipelines.UserError(
+        f"{message}. Re-create the data with tools/convert_data.py, or pass "
+        "--on_bad_record=skip to evaluate what can be read.")
+
+
+def _evaluate_naming_bad_data(model, dataset_fn, strategy, num_classes):
+    """`evaluation.evaluate`; fail mode's error for a corrupt record or shard as a UserError.
+
+    Raises:
+        pipelines.UserError: (fail mode) the pipeline stopped at a corrupt record or shard.
+    """
+    try:
+        return evaluation.evaluate(model, dataset_fn, strategy=strategy, num_classes=num_classes)
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+        text = error.message
+        if "assertion failed:" not in text or "shard" not in text:
+            raise
+        text = text.split("assertion failed:", 1)[1].strip().split("\n")[0]
+        raise pipelines.UserError(
+            f"{_DATA.value} split '{_SPLIT.value}': {text.replace('] [', ' ').strip('[]')}"
+        ) from error
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}; all options are --flags.")
+    _check_flags(argv)
     strategy = create_strategy(_STRATEGY.value, _TPU.value)
     with strategy.scope():
         model, class_names = load_classifier(
-            _CHECKPOINT.value, image_size=_IMAGE_SIZE.value, class_names_path=_LABELS.value)
+            _CHECKPOINT.value, image_size=_IMAGE_SIZE.value, class_names_path=_LABELS.value,
+            allow_non_finite=_ALLOW_NON_FINITE.value)
     image_size = int(model.input_shape[1])
     if _IMAGE_SIZE.value and _IMAGE_SIZE.value != image_size:
         raise app.UsageError(
@@ -84,8 +137,7 @@ def main(argv):
             on_bad_record=_ON_BAD_RECORD.value, tfds_data_dir=_TFDS_DATA_DIR.value,
             bad_record_counter=counter)
 
-    counts, stats = evaluation.evaluate(model, dataset_fn, strategy=strategy,
-                                        num_classes=num_classes)
+    counts, stats = _evaluate_naming_bad_data(model, dataset_fn, strategy, num_classes)
     skipped = sum(counter.count for counter in bad_record_counters)
     summary = counts.summary(class_names)
     per_class = summary.pop("per_class")
@@ -95,9 +147,7 @@ def main(argv):
         "image_size": image_size, "batch_size": _BATCH_SIZE.value, "strategy": _STRATEGY.value,
         "per_class": per_class,
     }
-    if expected is not None and expected != counts.num_examples:
-        logging.warning("Evaluated %d examples but %s records %d for split %s (%d skipped as bad).",
-                        counts.num_examples, _DATA.value, expected, _SPLIT.value, skipped)
+    _check_all_evaluated(counts.num_examples, expected, bad_record_counters)
 
     print(evaluation.format_report(results))
     if _OUTPUT.value:
