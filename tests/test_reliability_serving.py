@@ -36,7 +36,7 @@ MAX_PIXELS = export_module.DEFAULT_MAX_IMAGE_PIXELS
 # session callable on the SignatureDef's tensor names, as TF Serving's predict does, answers it
 # with the error or the probabilities, and after each request checks a good one.
 _TF_ONLY_SERVER = r"""
-import json, resource, sys
+import json, sys
 sys.modules["keras_vit"] = None
 sys.modules["pipelines"] = None
 import numpy as np
@@ -69,7 +69,10 @@ def answer(signature, value):
 
 
 def max_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, this process's own peak: ru_maxrss would include the parent's peak before exec
+    # (Linux keeps it across execve), i.e. the test runner's.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
 
 
 good = {"predict_pixels": requests["good_pixels"], "serving_default": requests["good_bytes"]}
