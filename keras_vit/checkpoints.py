@@ -166,9 +166,15 @@ def save_npz(model, path):
     }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.partial.npz")
-    np.savez(temporary, **arrays)
-    os.replace(temporary, path)
+    # One temporary per process: two saves to the same path must not write into one file.
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.partial.npz")
+    try:
+        np.savez(temporary, **arrays)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
     return path
 
 

@@ -63,7 +63,7 @@ def read_class_names(path):
         raise UserError(
             f"{path} is not UTF-8 text (byte {error.start}: {error.reason}): expected class "
             "names as a JSON list or one name per line, saved as UTF-8."
-        ) from None
+        ) from error
     if path.endswith(".json"):
         try:
             names = json.loads(text)
@@ -71,7 +71,7 @@ def read_class_names(path):
             raise UserError(
                 f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column "
                 f"{error.colno}): expected a JSON list of class-name strings."
-            ) from None
+            ) from error
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise UserError(f"{path} must hold a JSON list of class-name strings.")
         return names

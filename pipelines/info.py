@@ -120,7 +120,7 @@ def write_dataset_info(output_dir: str, split: str, split_info: dict, common: di
     splits = dict(info.get("splits", {}))
     splits[split] = split_info
     merged = {**common, "splits": dict(sorted(splits.items()))}
-    tmp = path + ".tmp"
+    tmp = f"{path}{TMP_MARKER}{os.getpid()}"  # one per process: conversions of two splits
     with tf.io.gfile.GFile(tmp, "w") as f:
         json.dump(merged, f, indent=2)
     tf.io.gfile.rename(tmp, path, overwrite=True)

@@ -4,8 +4,11 @@ Shard `k` of `n` holds examples `[k*N//n, (k+1)*N//n)` of the source's fixed ord
 output is byte-identical for the same input whatever the number of workers. Settings are checked
 before the output directory is touched. Each shard is written to a hidden temporary name
 (`.{shard}.tmp-{pid}`, which no `{split}-*` pattern matches); only when every shard is complete
-are they renamed into place, so a failed or killed run leaves the shards of an earlier run and
-its dataset_info.json as they were. The next run of the split removes a killed run's temporaries.
+are they renamed into place, so a run that fails or is killed while writing leaves the shards of
+an earlier run and its dataset_info.json as they were. The renames themselves are not one atomic
+step: a kill among them (milliseconds) leaves shards whose counts disagree with
+dataset_info.json, which the reader then reports as broken until the split is converted again.
+The next run of the split removes the temporaries of a killed run (those whose process is gone).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 import glob
 import math
 import os
+import re
 import threading
 import time
 
@@ -186,16 +190,36 @@ def _remove_leftover_temporaries(output_dir, split) -> None:
     """
     for pattern in (f".{split}-*{info_lib.TMP_MARKER}*", f"{split}-*{info_lib.TMP_MARKER}*"):
         for leftover in sorted(glob.glob(os.path.join(glob.escape(output_dir), pattern))):
+            if _writer_is_running(leftover):
+                continue  # another conversion of this split, still writing
             logging.warning("Removing %s, left by a conversion that did not finish.", leftover)
             os.remove(leftover)
+
+
+def _writer_is_running(temporary_path) -> bool:
+    """Whether the process named in a temporary shard's `.tmp-{pid}` suffix is alive here."""
+    suffix = temporary_path.rsplit(info_lib.TMP_MARKER, 1)[-1]
+    pid = re.match(r"\d+", suffix)
+    if pid is None or int(pid.group()) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid.group()), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _remove_stale_shards(output_dir, split, shards: list[_Shard]) -> None:
     """Removes shards of `split` from an earlier conversion with another number of shards."""
     names = {shard.name for shard in shards}
+    # Exactly this split's names: the glob alone would also match a split named "{split}-more".
+    own_name = re.compile(rf"{re.escape(split)}-\d{{5}}-of-\d{{5}}\.tfrecord")
     pattern = os.path.join(glob.escape(output_dir), f"{split}-*-of-*.tfrecord")
     for stale in sorted(glob.glob(pattern)):
-        if os.path.basename(stale) not in names:
+        name = os.path.basename(stale)
+        if own_name.fullmatch(name) and name not in names:
             logging.warning("Removing stale shard %s from an earlier conversion.", stale)
             os.remove(stale)
 

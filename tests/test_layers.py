@@ -111,6 +111,11 @@ def test_mlp_block_is_dense_gelu_dense():
     tokens = _tokens(2, 5, 8)
     for approximate in (True, False):
         mlp = layers.MlpBlock(mlp_dim=16, approximate=approximate)
+        mlp.build(tokens.shape)
+        # Biases of order 1 (their init is N(0, 1e-6)), so a lost or wrong BiasAdd shows.
+        rng = np.random.default_rng(5)
+        for dense in (mlp.dense_1, mlp.dense_2):
+            dense.bias.assign(rng.normal(size=dense.bias.shape).astype(np.float32))
         inferred = np.asarray(mlp(tokens))  # On TensorFlow: the fused MatMul + BiasAdd + GELU path.
         hidden = tokens @ mlp.dense_1.kernel.numpy() + mlp.dense_1.bias.numpy()
         if approximate:

@@ -154,8 +154,15 @@ def test_batch_and_image_size_must_be_positive(digits, name):
         pipelines.build_dataset(digits, split="test", **kwargs)
 
 
+def _dead_pid():
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    return int(finished.stdout)
+
+
 def test_a_leftover_temporary_shard_is_not_read_and_the_next_run_removes_it(digits):
-    leftovers = [digits / f"{SHARD0}.tmp-999-1", digits / f".{SHARD0}.tmp-999"]
+    dead = _dead_pid()
+    leftovers = [digits / f"{SHARD0}.tmp-{dead}-1", digits / f".{SHARD0}.tmp-{dead}"]
     for leftover in leftovers:  # the old naming (matched by test-*) and the hidden one
         shutil.copy(digits / SHARD0, leftover)
     no_info = digits.parent / "no_info"
@@ -166,6 +173,23 @@ def test_a_leftover_temporary_shard_is_not_read_and_the_next_run_removes_it(digi
     pipelines.convert("digits:", digits, split="test", num_shards=2, verbose=False)
     assert not any(leftover.exists() for leftover in leftovers)
     assert sorted(os.listdir(digits)) == ["dataset_info.json", SHARD0, SHARD1]
+
+
+def test_a_running_conversions_temporaries_and_other_splits_shards_are_kept(tmp_path):
+    out = tmp_path / "out"
+    pipelines.convert("digits:", out, split="test", num_shards=2, verbose=False)
+    # A split whose name starts like "test-": the stale-shard clean-up of "test" is not for it.
+    other = out / "test-hard-00000-of-00001.tfrecord"
+    shutil.copy(out / SHARD0, other)
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as writer:
+        try:
+            running = out / f".{SHARD0}.tmp-{writer.pid}"
+            shutil.copy(out / SHARD0, running)
+            pipelines.convert("digits:", out, split="test", num_shards=1, verbose=False)
+            assert running.exists() and other.exists()
+        finally:
+            writer.kill()
+    assert not (out / SHARD1).exists()  # the earlier conversion's second shard is stale
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -210,7 +234,7 @@ def test_evaluate_mismatch_is_an_error_unless_skip(digits, zero_head_model):
 @pytest.mark.slow
 def test_evaluate_batch_size_must_be_positive(digits):
     result = run_evaluate("--checkpoint=unused.keras", f"--data={digits}", "--batch_size=0")
-    assert result.returncode != 0 and "--batch_size must be >= 1, got 0" in result.stderr
+    assert result.returncode == 1 and "--batch_size must be >= 1, got 0" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -281,6 +305,7 @@ def png_claiming_size(width, height):
     return bytes(data)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL opening it
 def test_an_oversized_image_is_refused_from_its_header(tmp_path):
     # 30000 x 20000 = 600M pixels claimed (1.8 GB decoded) by a file of ~100 bytes.
     source = make_folder(tmp_path / "src", {"a/huge.png": png_claiming_size(30000, 20000)})
@@ -296,7 +321,10 @@ def test_an_oversized_image_is_refused_from_its_header(tmp_path):
     info = pipelines.convert(source, tmp_path / "out2", split="test", max_image_pixels=384,
                              verbose=False)
     assert info["splits"]["test"]["num_examples"] == 1
-    assert sources.MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS
+    # The default limit is PIL's (89,478,485 pixels): 9459 x 9460 is just over it.
+    source = make_folder(tmp_path / "src3", {"a/big.png": png_claiming_size(9459, 9460)})
+    with pytest.raises(sources.ImageTooLargeError, match="big.png"):
+        pipelines.convert(source, tmp_path / "out3", split="test", verbose=False)
 
 
 def test_a_non_utf8_file_name_is_kept_and_a_non_utf8_class_is_named(tmp_path):

@@ -150,6 +150,10 @@ DAMAGES = {
     "flipped byte": lambda d: _flip_a_byte(d / backup.STATE_FILENAME),
     "truncated manifest": lambda d: _truncate(d / backup.MANIFEST_FILENAME),
     "no manifest": lambda d: os.remove(d / backup.MANIFEST_FILENAME),
+    # Valid JSON of another shape: a list, and an entry without its sha256.
+    "manifest a list": lambda d: (d / backup.MANIFEST_FILENAME).write_text("[1, 2]"),
+    "manifest entry incomplete": lambda d: (d / backup.MANIFEST_FILENAME).write_text(
+        '{"step": 30, "epoch": 3, "files": {"state.weights.h5": {"size": 1}}}'),
 }
 
 

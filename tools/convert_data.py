@@ -26,7 +26,7 @@ _SPLIT = flags.DEFINE_string("split", "train", "train or test (any split name fo
 _NUM_SHARDS = flags.DEFINE_integer(
     "num_shards", None, "At least 1. Default: one per 1250 examples.")
 _NUM_WORKERS = flags.DEFINE_integer(
-    "num_workers", None, "Parallel shard writers, at least 1. Default: CPUs.")
+    "num_workers", None, "Parallel shard writers, at least 1. Default: min(shards, CPUs).")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "Data dir of prepared TFDS datasets.")
 _LABEL_OFFSET = flags.DEFINE_integer(
     "label_offset", 0, "Added to 0-based class indices (1 for Model Garden style ImageNet).")

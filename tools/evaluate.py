@@ -109,14 +109,14 @@ def main(argv):
             allow_non_finite=_ALLOW_NON_FINITE.value)
     image_size = int(model.input_shape[1])
     if _IMAGE_SIZE.value and _IMAGE_SIZE.value != image_size:
-        raise app.UsageError(
+        raise pipelines.UserError(
             f"--image_size={_IMAGE_SIZE.value} but {_CHECKPOINT.value} takes {image_size}-pixel "
             "images; a saved Keras model has a fixed input size (only an .npz can be resampled).")
     num_classes = int(model.output_shape[-1])
     data_class_names, expected = pipelines.describe_source(
         _DATA.value, _SPLIT.value, _TFDS_DATA_DIR.value)
     if data_class_names is not None and len(data_class_names) > num_classes:
-        raise app.UsageError(
+        raise pipelines.UserError(
             f"{_DATA.value} has {len(data_class_names)} classes but the model's head has "
             f"{num_classes} outputs; evaluate with a model trained on this dataset.")
     class_names = class_names_lib.resolve_class_names(

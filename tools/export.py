@@ -50,7 +50,7 @@ def main(argv):
         raise app.UsageError("Pass exactly one of --model_dir or --checkpoint.")
     source = _MODEL_DIR.value or _CHECKPOINT.value
     if _MODEL_DIR.value and not os.path.isdir(_MODEL_DIR.value):
-        raise app.UsageError(f"--model_dir={_MODEL_DIR.value} is not a directory.")
+        raise keras_vit.MissingFileError(f"--model_dir={_MODEL_DIR.value} is not a directory.")
     model, class_names = keras_vit.load_classifier(
         source,
         image_size=_IMAGE_SIZE.value,

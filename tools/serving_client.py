@@ -20,6 +20,7 @@ import pathlib
 from absl import app, flags
 
 import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-up)
+import keras_vit
 from keras_vit.serving import client
 from keras_vit import cli
 
@@ -63,7 +64,7 @@ def main(argv):
         raise app.UsageError("Give one or more image files to classify.")
     for path in paths:
         if not os.path.isfile(path):
-            raise app.UsageError(f"{path} is not a file.")
+            raise keras_vit.MissingFileError(f"{path} is not a file.")
     if _SIGNATURE.value == client.PIXELS_SIGNATURE:
         if not _IMAGE_SIZE.value:
             raise app.UsageError("--signature=predict_pixels needs --image_size (the model's input).")

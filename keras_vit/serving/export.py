@@ -61,9 +61,8 @@ _INDEX_ALLOWANCE_BYTES = 16 * 1024
 _TEMP_PREFIX = ".tmp-export-"
 # A temporary export directory nothing has written to for this long belongs to a dead export.
 STALE_EXPORT_SECONDS = 3600
-# Default cap on the pixels serving_default decodes, 40 MP (e.g. 7300 x 5470): generous for
-# photos, which are mostly 12-24 MP (a phone's 48 MP mode needs a higher --max_image_pixels).
-# docs/serving.md states the memory an image at the cap costs.
+# Default cap on the pixels serving_default decodes: above the photos cameras write by default;
+# docs/serving.md gives the sizes and the memory an image at the cap costs.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
@@ -471,7 +470,15 @@ def remove_stale_exports(export_dir: str) -> list[str]:
 
 
 def _current_umask() -> int:
-    # os.umask is the only portable way to read it; restored at once.
+    # Linux reports it in /proc (since 4.7); elsewhere os.umask is the only way to read it, by
+    # setting it, which another thread creating a file at that moment would see.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     umask = os.umask(0o077)
     os.umask(umask)
     return umask

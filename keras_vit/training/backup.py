@@ -53,8 +53,8 @@ _TEMPORARY_PREFIX = ".tmp-"
 #: Test hook: "STAGE:ACTION:STEP" makes the backup of STEP kill itself (ACTION kill) or fail as
 #: on a full disk (ACTION enospc) at STAGE ("weights", "manifest" or "renamed", after each).
 FAULT_ENV = "KERAS_VIT_BACKUP_FAULT"
-#: Bytes of h5 layout and names per variable (measured: about 1.2 KB, docs/training.md), and
-#: the factor of room to spare on top, for the check of free space.
+#: Bytes of h5 layout and names per variable (an upper bound of the size docs/training.md
+#: measured), and the factor of room to spare on top, for the check of free space.
 _BYTES_PER_VARIABLE = 2048
 _SPACE_MARGIN = 1.05
 #: No room for the file: a full disk, a full quota, a file-size limit (`ulimit -f`).
@@ -303,6 +303,7 @@ def check_backup(path, step):
             manifest = json.load(stream)
     except (OSError, tf.errors.OpError, json.JSONDecodeError) as error:
         raise ValueError(f"no readable {MANIFEST_FILENAME} ({error})") from error
+    _check_manifest_layout(manifest)
     if manifest.get("step") != step:
         raise ValueError(f"its manifest is for step {manifest.get('step')}, not {step}")
     if STATE_FILENAME not in manifest.get("files", {}):
@@ -315,6 +316,16 @@ def check_backup(path, step):
         if _sha256(file_path) != expected["sha256"]:
             raise ValueError(f"{name} does not match the sha256 of its manifest")
     return manifest
+
+
+def _check_manifest_layout(manifest):
+    """ValueError unless `manifest` is {"step": int, "files": {name: {"size", "sha256"}}, ...}:
+    valid JSON of another shape is a damaged backup too, to be skipped like any other."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str) for entry in files.values()):
+        raise ValueError(f"its {MANIFEST_FILENAME} is not a backup manifest")
 
 
 class AtomicBackupAndRestore(keras.callbacks.Callback):
@@ -402,7 +413,7 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
 
     def _load(self, state_path, step):
         """Loads weights and optimizer state; checks the optimizer counts `step` updates."""
-        if self.model.optimizer is not None and not self.model.optimizer.built:
+        if not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(state_path)
         loaded = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))

@@ -38,7 +38,7 @@ def tf_config():
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise UserError(f"TF_CONFIG is not valid JSON ({error}): {text[:200]!r}") from None
+        raise UserError(f"TF_CONFIG is not valid JSON ({error}): {text[:200]!r}") from error
 
 
 def _auto_strategy_name(tpu):
