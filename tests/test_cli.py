@@ -145,3 +145,16 @@ def test_tensorflow_info_records_are_dropped_and_the_rest_kept():
     assert drop.filter(record(str(REPO / "keras_vit" / "serving" / "export.py"), logging.INFO))
     # A sibling package whose name starts like TensorFlow's is not TensorFlow.
     assert drop.filter(record(tensorflow_dir + "_datasets/core/x.py", logging.INFO))
+
+
+def test_a_failed_tensorflow_import_shows_what_was_printed(tmp_path):
+    # A stand-in `tensorflow` that prints on file descriptor 2, as TensorFlow's C++ code does,
+    # then fails: the quiet start-up must replay what it captured and raise the error.
+    (tmp_path / "tensorflow.py").write_text(
+        "import os\nos.write(2, b'the reason the library gives\\n')\nraise ImportError('boom')\n")
+    result = subprocess.run(
+        [sys.executable, "-c", "import keras_vit_tools"], capture_output=True, text=True,
+        timeout=120, cwd=tmp_path, env={**_tool_env(), "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert "the reason the library gives" in result.stderr
+    assert "ImportError: boom" in result.stderr

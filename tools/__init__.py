@@ -54,15 +54,19 @@ def _quiet_tensorflow(argv):
     if _requested_verbosity(argv) >= 1:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    failure = None
     with _stderr_captured() as captured:
         try:
             import tensorflow as tf
 
             tf.config.list_physical_devices()  # the CUDA probe, while its complaints are captured
-        except BaseException:
+        except BaseException as error:
             captured.seek(0)
-            sys.stderr.buffer.write(captured.read())  # what went wrong is shown after all
-            raise
+            failure, printed = error, captured.read()
+    if failure is not None:
+        sys.stderr.buffer.write(printed)  # what TensorFlow said on the way is shown after all
+        sys.stderr.flush()
+        raise failure
     tensorflow_info = _TensorFlowInfoFilter(os.path.dirname(tf.__file__))
     logging.getLogger("tensorflow").addFilter(tensorflow_info)
     logging.getLogger("absl").addFilter(tensorflow_info)  # TensorFlow logs through absl too
