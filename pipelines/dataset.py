@@ -159,6 +159,7 @@ class _RecordOrder:
     repeat_count: int | None  # None: once; -1: forever; n: n times
     shuffle_buffer: int
     cache: bool
+    skip_examples: int  # of the shuffled record stream, before decoding (a resumed run)
 
     @property
     def is_fixed(self) -> bool:
@@ -528,6 +529,9 @@ def _decode_records(ds, augmentation: _Augmentation, policy, order, records_are_
     else:
         decode = functools.partial(_decode_for_eval, parse=parse, counter=policy.counter,
                                    central_crop_fraction=augmentation.central_crop_fraction)
+    if order.skip_examples:
+        # After the zip, so each record keeps the augmentation seed it had in the first run.
+        ds = ds.skip(order.skip_examples)
     if policy.mode == "skip":
         return _skip_bad_records(ds, decode, order)
     return _fail_on_bad_records(ds, decode, order, records_are_examples)
@@ -752,8 +756,20 @@ def _repeat_count(repeat) -> int | None:
     return None if repeat in (False, None, 0, 1) else int(repeat)
 
 
-def _record_order(training, deterministic, seed, repeat, shuffle_buffer, cache) -> _RecordOrder:
+def _check_settings(on_bad_record, augment, resize_kernel, batch_size, image_size) -> None:
+    """UserError for a setting of `build_dataset` outside its choices or range."""
+    _check_choice("on_bad_record", on_bad_record, _BAD_RECORD_MODES)
+    _check_choice("augment", augment, AUGMENT_MODES)
+    _check_choice("resize_kernel", resize_kernel, compiled_ops.RESIZE_KERNELS)
+    _check_positive("batch_size", batch_size)
+    _check_positive("image_size", image_size)
+
+
+def _record_order(training, deterministic, seed, repeat, shuffle_buffer, cache,
+                  skip_examples) -> _RecordOrder:
     """Resolves the defaults: seed 0 for deterministic runs; repeat forever when training."""
+    if isinstance(skip_examples, bool) or not isinstance(skip_examples, int) or skip_examples < 0:
+        raise UserError(f"skip_examples must be an integer >= 0, got {skip_examples!r}.")
     return _RecordOrder(
         training=training,
         deterministic=deterministic,
@@ -761,6 +777,7 @@ def _record_order(training, deterministic, seed, repeat, shuffle_buffer, cache) 
         repeat_count=_repeat_count(training if repeat is None else repeat),
         shuffle_buffer=shuffle_buffer,
         cache=cache,
+        skip_examples=skip_examples if training else 0,
     )
 
 
@@ -803,6 +820,7 @@ def build_dataset(
     bad_record_counter: BadRecordCounter | None = None,
     check_shards: bool = True,
     resize_kernel: str = "auto",
+    skip_examples: int = 0,
 ) -> tf.data.Dataset:
     """Builds the input pipeline of one split.
 
@@ -845,6 +863,11 @@ def build_dataset(
             if it cannot be); `"tensorflow"`: TensorFlow's Cast, Reverse and ResizeBilinear;
             `"auto"`: the compiled op where it builds, else TensorFlow's ops with a warning. The
             pixels agree to ~3e-5. Evaluation and `augment="none"` always use TensorFlow's ops.
+        skip_examples: training only: examples of the shuffled record stream to skip before
+            any is decoded, so that a resumed run goes on where the last one stopped. With
+            `deterministic` (and no bad records) the stream then continues with exactly the
+            examples an uninterrupted run would have seen next; RandAugment and mixup, which
+            use Keras seeds, are not covered. The skipped records are read, not decoded.
 
     Returns:
         A dataset of `(images float32 (batch, image_size, image_size, 3) in [0, 255],
@@ -864,14 +887,11 @@ def build_dataset(
             shard that ends early, naming the shard.
         CompiledOpError: `resize_kernel="compiled"` and the op cannot be built or loaded.
     """
-    _check_choice("on_bad_record", on_bad_record, _BAD_RECORD_MODES)
-    _check_choice("augment", augment, AUGMENT_MODES)
-    _check_choice("resize_kernel", resize_kernel, compiled_ops.RESIZE_KERNELS)
-    _check_positive("batch_size", batch_size)
-    _check_positive("image_size", image_size)
+    _check_settings(on_bad_record, augment, resize_kernel, batch_size, image_size)
     source = os.fspath(source)
     training = split == "train" if training is None else training
-    order = _record_order(training, deterministic, seed, repeat, shuffle_buffer, cache)
+    order = _record_order(training, deterministic, seed, repeat, shuffle_buffer, cache,
+                          skip_examples)
     policy = _BadRecordPolicy(
         on_bad_record, BadRecordCounter() if bad_record_counter is None else bad_record_counter,
         check_shards)

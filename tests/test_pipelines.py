@@ -188,6 +188,26 @@ def test_deterministic_mode_gives_identical_batches(digits_dir):
     assert not all(np.array_equal(a[1], b[1]) for a, b in zip(first, other))
 
 
+def test_skipped_examples_continue_the_same_stream(digits_dir):
+    # Truth: the same deterministic pipeline without a skip. Skipping k batches' examples gives
+    # its batches from k on, crops and flips included (each record keeps its augmentation
+    # seed), across the end of the first pass over the 1438 records (batch 90 of 16).
+    def batches(skip, count):
+        ds = pipelines.build_dataset(digits_dir, split="train", image_size=16, batch_size=16,
+                                     deterministic=True, seed=3, shuffle_buffer=200,
+                                     resize_kernel="tensorflow", skip_examples=skip)
+        return [(x.numpy(), y.numpy()) for x, y in ds.take(count)]
+
+    whole = batches(0, 93)
+    for k in (1, 89):
+        for (x1, y1), (x2, y2) in zip(whole[k:], batches(16 * k, 93 - k)):
+            np.testing.assert_array_equal(y1, y2)
+            np.testing.assert_array_equal(x1, x2)
+    with pytest.raises(pipelines.UserError, match="skip_examples"):
+        pipelines.build_dataset(digits_dir, split="train", image_size=16, batch_size=16,
+                                skip_examples=-1)
+
+
 def test_mixup_randaugment_and_cache(digits_dir):
     ds = pipelines.build_dataset(digits_dir, split="train", image_size=16, batch_size=8,
                                  mixup_alpha=0.5, randaugment="2,15", cache=True, seed=0)

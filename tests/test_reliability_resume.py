@@ -361,3 +361,34 @@ def test_a_remote_backup_without_its_manifest_is_incomplete(tmp_path, monkeypatc
     finally:
         if gfile.exists(model_dir):
             gfile.rmtree(model_dir)
+
+
+def _final_weights(model_dir):
+    model = keras.models.load_model(os.path.join(model_dir, "model.keras"))
+    return [np.asarray(weight) for weight in model.weights]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_trains_on_the_examples_an_uninterrupted_run_sees(digits, tmp_path):
+    # Truth: an uninterrupted run. TINY_FLAGS train deterministically (fixed data order, no
+    # dropout or augmentation), so equal final weights mean the resumed run saw the same
+    # batches in the same order; a run that restarts its data from the beginning does not.
+    flags = TINY_FLAGS | dict(train_data=digits, eval_data=digits, total_steps=40,
+                              eval_every_steps=40)
+    result = run_train(**flags, model_dir=tmp_path / "whole")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = _final_weights(tmp_path / "whole")
+    for resume_data_position in (True, False):
+        model_dir = tmp_path / f"resumed_{resume_data_position}"
+        killed = run_train(env=subprocess_env(**{backup.FAULT_ENV: "renamed:kill:20"}),
+                           **flags, model_dir=model_dir)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        result = run_train(**flags, model_dir=model_dir, resume_data_position=resume_data_position)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert _results(model_dir)["resumed_from_step"] == 20
+        # 20 updates of 16 images were consumed before the kill.
+        skipped = "the training data skips the 320 examples" in result.stderr
+        assert skipped == resume_data_position, result.stderr[-3000:]
+        same = all(np.allclose(a, b, rtol=0, atol=1e-6)
+                   for a, b in zip(expected, _final_weights(model_dir)))
+        assert same == resume_data_position

@@ -284,6 +284,18 @@ def list_backups(backup_dir):
     return sorted(found, reverse=True)
 
 
+def newest_complete_step(backup_dir):
+    """The step of the newest backup in `backup_dir` that passes `check_backup`, 0 when none:
+    the step a restart resumes from (unless loading that backup then fails)."""
+    for step, path in list_backups(backup_dir):
+        try:
+            check_backup(path, step)
+        except (OSError, tf.errors.OpError, ValueError):
+            continue
+        return step
+    return 0
+
+
 def check_backup(path, step):
     """The manifest of the backup directory `path`, once its files match it.
 

@@ -112,6 +112,11 @@ class TrainConfig:
         5, "Keep the newest N files in MODEL_DIR/checkpoints (0 = all).")
     seed: int = _flag(0, "Seed of initialization, data order and augmentation.")
     deterministic: bool = _flag(False, "Deterministic input pipeline (slower).")
+    resume_data_position: bool = _flag(
+        True, "A resumed run first skips the training examples the backup's steps consumed "
+              "(read, not decoded), so with --deterministic it sees exactly the examples an "
+              "uninterrupted run would; the time grows with the step resumed from "
+              "(docs/training.md).")
 
     @property
     def micro_batch_size(self):

@@ -98,13 +98,15 @@ def build_model(config, num_classes):
 _AUGMENT_MODES = {"crop_flip": "inception_crop", "none": "none"}
 
 
-def make_datasets(config, strategy, num_classes):
+def make_datasets(config, strategy, num_classes, resume_step=0):
     """The training and evaluation data, distributed over `strategy`'s replicas.
 
     Args:
         config: the `TrainConfig` (data sources, splits, batch sizes, augmentation).
         strategy: the `tf.distribute.Strategy`; each input pipeline reads its own shard.
         num_classes: K, for the labels (one-hot `(batch, K)` under mixup).
+        resume_step: the update step the run resumes from (0 for a new run); the training data
+            then skips what those steps consumed (`examples_to_skip`).
 
     Returns:
         (train, eval): distributed datasets of `(images, labels)` batches, per replica
@@ -114,6 +116,10 @@ def make_datasets(config, strategy, num_classes):
 
     def train_fn(context):
         batch_size = context.get_per_replica_batch_size(config.micro_batch_size)
+        skip = examples_to_skip(config, strategy, context, batch_size, resume_step)
+        if skip:
+            logging.info("Resuming at step %d: the training data skips the %d examples it "
+                         "delivered before.", resume_step, skip)
         return pipelines.build_dataset(
             config.train_data,
             split=config.train_split,
@@ -133,6 +139,7 @@ def make_datasets(config, strategy, num_classes):
             # every n-th record must shuffle the file list identically.
             seed=config.seed,
             deterministic=config.deterministic,
+            skip_examples=skip,
         )
 
     def eval_fn(context):
@@ -197,6 +204,25 @@ def compile_model(model, config, num_classes):
     return model
 
 
+def backup_directory(config, strategy, chief):
+    """MODEL_DIR/backup for the chief, MODEL_DIR/backup/{task_type}_{task_id} for a worker."""
+    backup_dir = os.path.join(config.model_dir, "backup")
+    if chief:
+        return backup_dir
+    # Every worker restores its own copy; they hold the same synchronous state.
+    task_type, task_id = strategy_lib.worker_index(strategy)
+    return os.path.join(backup_dir, f"{task_type}_{task_id}")
+
+
+def examples_to_skip(config, strategy, context, per_replica_batch, resume_step):
+    """Training examples one input pipeline delivered in `resume_step` updates, which a run
+    resumed at that step skips (`--resume_data_position`); 0 for a new run."""
+    if not (config.resume_data_position and resume_step):
+        return 0
+    replicas_per_pipeline = strategy.num_replicas_in_sync // context.num_input_pipelines
+    return resume_step * config.grad_accum_steps * replicas_per_pipeline * per_replica_batch
+
+
 def make_callbacks(config, strategy, chief):
     """The callbacks of `fit`; the model directory's shared files are written by the chief only.
 
@@ -209,11 +235,7 @@ def make_callbacks(config, strategy, chief):
         (callbacks, throughput): the list for `fit`, and its `StepAndThroughput`, whose
         history holds the images/s of each chunk.
     """
-    task_type, task_id = strategy_lib.worker_index(strategy)
-    backup_dir = os.path.join(config.model_dir, "backup")
-    if not chief:
-        # Every worker restores its own copy; they hold the same synchronous state.
-        backup_dir = os.path.join(backup_dir, f"{task_type}_{task_id}")
+    backup_dir = backup_directory(config, strategy, chief)
     throughput = callbacks_lib.StepAndThroughput(config.micro_batch_size, config.grad_accum_steps)
     callbacks = [
         throughput,
@@ -425,7 +447,8 @@ def train(config):
     keras.utils.set_random_seed(config.seed)
     with _dtype_policy(MIXED_PRECISION[config.mixed_precision] or "float32"):
         model = _build_for_strategy(config, strategy, num_classes)
-        datasets = make_datasets(config, strategy, num_classes)
+        resume_step = backup_lib.newest_complete_step(backup_directory(config, strategy, chief))
+        datasets = make_datasets(config, strategy, num_classes, resume_step)
         callbacks, throughput = make_callbacks(config, strategy, chief)
         train_seconds = _fit(model, config, datasets, callbacks, verbose)
         evaluation = _final_evaluation(model, datasets[1], verbose)
