@@ -7,7 +7,6 @@ separate Python process that can load TensorFlow but not our packages.
 """
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -18,11 +17,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 import keras_vit
 import pipelines
 from keras_vit import serving
+from serving_helpers import encode_image as _encode
 from vit_reference import forward, random_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,15 +75,6 @@ np.savez(outputs_path, error=np.array(error or ""), after_error=after,
          loaded_our_code=np.array([m for m in ("keras_vit", "pipelines") if sys.modules.get(m)], "U"),
          **results)
 """
-
-
-def _encode(array, format):
-    buffer = io.BytesIO()
-    image = Image.fromarray(array)
-    if format == "GIF":
-        image = image.convert("P")
-    image.save(buffer, format=format)
-    return buffer.getvalue()
 
 
 def _test_images():

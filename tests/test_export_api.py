@@ -16,7 +16,7 @@ import keras_vit
 import pipelines
 from keras_vit import serving
 from keras_vit.serving import export as export_module
-from vit_reference import random_checkpoint
+from serving_helpers import tiny_classifier
 
 TINY = keras_vit.ViTConfig(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
 IMAGE_SIZE = 16
@@ -25,10 +25,7 @@ IMAGE_SIZE = 16
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A 16x16, 5-class ViT with random (non-zero head) weights."""
-    arrays = random_checkpoint(4, 32, 2, 4, 64, grid=4, num_classes=5, seed=1)
-    path = str(tmp_path_factory.mktemp("npz") / "tiny.npz")
-    np.savez(path, **arrays)
-    return keras_vit.from_npz(path)
+    return tiny_classifier(tmp_path_factory.mktemp("npz"))
 
 
 def _png(height, width, seed=0):

@@ -21,6 +21,8 @@ import pytest
 
 from keras_vit.serving import client
 
+_SERVING_EXTRA = "gRPC needs tensorflow-serving-api, the serving extra: pip install -e '.[serving]'"
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER_LIFETIME_S = 20.0  # no server thread outlives this, whatever the client does
 ONE_PREDICTION = json.dumps({"predictions": [
@@ -172,8 +174,8 @@ class _RpcError(Exception):
     ("NOT_FOUND", "TF Serving at localhost:8500 (gRPC) answered NOT_FOUND: failed to connect"),
 ])
 def test_grpc_failures_name_the_server(monkeypatch, code, message):
-    grpc = pytest.importorskip("grpc")
-    pytest.importorskip("tensorflow_serving.apis.predict_pb2")
+    grpc = pytest.importorskip("grpc", reason=_SERVING_EXTRA)
+    pytest.importorskip("tensorflow_serving.apis.predict_pb2", reason=_SERVING_EXTRA)
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     error_type = type("RpcError", (_RpcError, grpc.RpcError), {})
@@ -194,7 +196,7 @@ def test_grpc_failures_name_the_server(monkeypatch, code, message):
 
 
 def test_grpc_fewer_predictions_than_images_is_an_error(monkeypatch):
-    predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
+    predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2", reason=_SERVING_EXTRA)
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 

@@ -10,7 +10,6 @@ exactly as before. Oversized images are forged by patching the dimensions in the
 small encoded image, so nothing of their claimed size is ever allocated.
 """
 
-import io
 import json
 import os
 import stat
@@ -22,12 +21,10 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
 
-import keras_vit
 from keras_vit import serving
 from keras_vit.serving import export as export_module
-from vit_reference import random_checkpoint
+from serving_helpers import encode_image as _encode, tiny_classifier
 
 IMAGE_SIZE = 16  # patch 4, grid 4
 MAX_PIXELS = export_module.DEFAULT_MAX_IMAGE_PIXELS
@@ -89,15 +86,6 @@ answers["loaded_our_code"] = [m for m in ("keras_vit", "pipelines") if sys.modul
 with open(answers_path, "w") as stream:
     json.dump(answers, stream)
 """
-
-
-def _encode(array, image_format):
-    buffer = io.BytesIO()
-    image = Image.fromarray(array)
-    if image_format == "GIF":
-        image = image.convert("P")
-    image.save(buffer, format=image_format)
-    return buffer.getvalue()
 
 
 def _small(image_format, seed=0):
@@ -243,10 +231,7 @@ def _serve(saved_model_dir, requests, tmp_path):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    arrays = random_checkpoint(4, 32, 2, 4, 64, grid=4, num_classes=5, seed=1)
-    path = str(tmp_path_factory.mktemp("npz") / "tiny.npz")
-    np.savez(path, **arrays)
-    return keras_vit.from_npz(path)
+    return tiny_classifier(tmp_path_factory.mktemp("npz"))
 
 
 @pytest.fixture(scope="module")

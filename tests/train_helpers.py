@@ -86,10 +86,4 @@ def newest_backup_step(model_dir):
     """The update step of the newest backup in MODEL_DIR/backup that passes its checks (0: none)."""
     from keras_vit.training import backup
 
-    for step, path in backup.list_backups(os.path.join(model_dir, "backup")):
-        try:
-            backup.check_backup(path, step)
-        except (ValueError, OSError):  # pruned while being read
-            continue
-        return step
-    return 0
+    return backup.newest_complete_step(os.path.join(model_dir, "backup"))
