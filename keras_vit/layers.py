@@ -8,7 +8,9 @@ Shapes use B = batch, T = tokens, N = patches, D = hidden size, H = heads.
 Initializers follow google-research/vision_transformer (Flax's defaults where it sets none):
 the patch projection's kernel is LeCun-normal; the query, key, value, attention-output and MLP
 kernels are Xavier-uniform; the MLP biases N(0, 1e-6); the other biases zero; the position
-embedding N(0, 0.02); the class token zero; LayerNorm scale one and offset zero.
+embedding N(0, 0.02); the class token zero; LayerNorm scale one and offset zero. The options
+other projects' ViTs need (`layer_scale`, register and distillation tokens, the MAP head) take
+timm's or big_vision's initializers.
 """
 
 import keras
@@ -17,11 +19,64 @@ from keras import ops
 from keras_vit import posemb
 from keras_vit.variants import check_pooling
 
-_LAYER_NORM_EPSILON = 1e-6  # The original code's LayerNorm epsilon (Flax default).
+LAYER_NORM_EPSILON = 1e-6  # The original code's LayerNorm epsilon (Flax default).
 
 
-def _layer_norm(name):
-    return keras.layers.LayerNormalization(epsilon=_LAYER_NORM_EPSILON, name=name)
+def _layer_norm(name, epsilon=LAYER_NORM_EPSILON):
+    return keras.layers.LayerNormalization(epsilon=epsilon, name=name)
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class PixelNormalization(keras.layers.Layer):
+    """[0, 255] RGB pixels -> (pixels / 255 - mean) / std, per channel: a checkpoint's input
+    normalisation inside the model, so every caller feeds the same [0, 255] images.
+
+    Google's checkpoints expect [-1, 1] (mean = std = 0.5); timm's DeiT the ImageNet mean and
+    std. Computed as one multiply-add, x · scale + offset with scale = 1 / (255 std) and
+    offset = -mean / std, which for mean = std = 0.5 is exactly Google's x / 127.5 - 1.
+
+    Args:
+        mean: 3 per-channel means, on [0, 1] pixels.
+        std: 3 per-channel standard deviations, on [0, 1] pixels.
+        eval_crop_fraction: the central fraction of each side the checkpoint's evaluation
+            keeps before resizing (timm's crop_pct), or None for the whole image. Not applied
+            here: recorded with the model for the tools' evaluation preprocessing.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
+    """
+
+    def __init__(self, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), eval_crop_fraction=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.mean = _three_floats("mean", mean)
+        self.std = _three_floats("std", std)
+        if any(value <= 0 for value in self.std):
+            raise ValueError(f"std must be positive, got {self.std}.")
+        if eval_crop_fraction is not None and not 0.0 < eval_crop_fraction <= 1.0:
+            raise ValueError(f"eval_crop_fraction must be in (0, 1], got {eval_crop_fraction}.")
+        self.eval_crop_fraction = None if eval_crop_fraction is None else float(eval_crop_fraction)
+
+    def call(self, images):
+        """(B, height, width, 3) pixels in [0, 255] -> normalised, the same shape."""
+        scale = [1.0 / (255.0 * s) for s in self.std]
+        offset = [-m / s for m, s in zip(self.mean, self.std)]
+        if len(set(scale)) == 1 and len(set(offset)) == 1:
+            scale, offset = scale[0], offset[0]  # Scalars: Google's exact x / 127.5 - 1.
+        return (images * ops.convert_to_tensor(scale, images.dtype)
+                + ops.convert_to_tensor(offset, images.dtype))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "std": self.std,
+                "eval_crop_fraction": self.eval_crop_fraction}
+
+
+def _three_floats(name, values):
+    values = tuple(float(value) for value in values)
+    if len(values) != 3:
+        raise ValueError(f"{name} must hold 3 per-channel values (RGB), got {values}.")
+    return values
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -87,42 +142,63 @@ class PatchEmbedding(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="keras_vit")
 class ClassToken(keras.layers.Layer):
-    """Prepends the learned class token x_class (Eq. 1), a (1, 1, D) weight."""
+    """Prepends learned tokens to the sequence: the class token x_class (Eq. 1), a (1, 1, D)
+    weight, and in the same way DeiT's distillation token and register tokens (Darcet et al.
+    2023), (1, num_tokens, D).
+
+    Args:
+        num_tokens: how many tokens to prepend.
+        initializer: of the (1, num_tokens, D) weight; zeros as the original's class token.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
+    """
+
+    def __init__(self, num_tokens=1, initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        self.num_tokens = int(num_tokens)
+        if self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be at least 1, got {num_tokens}.")
+        self.initializer = keras.initializers.get(initializer)
 
     def build(self, input_shape):
         self.token = self.add_weight(
-            name="token", shape=(1, 1, input_shape[-1]), initializer="zeros"
+            name="token", shape=(1, self.num_tokens, input_shape[-1]), initializer=self.initializer
         )
 
     def call(self, tokens):
-        """Prepends the class token to every image's patch tokens.
+        """Prepends the tokens to every image's sequence.
 
         Args:
-            tokens: (B, N, D).
+            tokens: (B, T, D).
 
         Returns:
-            (B, 1 + N, D), the class token first.
+            (B, num_tokens + T, D), this layer's tokens first.
         """
         batch_size = ops.shape(tokens)[0]
         token = ops.cast(self.token, tokens.dtype)
-        token = ops.broadcast_to(token, (batch_size, 1, ops.shape(tokens)[-1]))
+        token = ops.broadcast_to(token, (batch_size, self.num_tokens, ops.shape(tokens)[-1]))
         return ops.concatenate([token, tokens], axis=1)
 
     def compute_output_shape(self, input_shape):
-        num_tokens = None if input_shape[1] is None else input_shape[1] + 1
+        num_tokens = None if input_shape[1] is None else input_shape[1] + self.num_tokens
         return (input_shape[0], num_tokens, input_shape[2])
+
+    def get_config(self):
+        return {**super().get_config(), "num_tokens": self.num_tokens,
+                "initializer": keras.initializers.serialize(self.initializer)}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
 class AddPositionEmbedding(keras.layers.Layer):
     """Adds the learned 1-D position embedding E_pos (Eq. 1), a (1, T, D) weight.
 
-    T = num_prefix_tokens + grid_size[0] · grid_size[1]: the class token (if any) first, then
-    the patches in row-major order of their grid_size grid.
+    T = num_prefix_tokens + grid_size[0] · grid_size[1]: the prefix tokens (class,
+    distillation, register) first, then the patches in row-major order of their grid_size
+    grid. A model whose position embedding covers the patches only (big_vision, timm's
+    `no_embed_class`) adds it before the prefix tokens are prepended, with num_prefix_tokens=0.
 
     Args:
         grid_size: (rows, columns) of the patch grid.
-        num_prefix_tokens: tokens before the patches: 1 with a class token, else 0.
+        num_prefix_tokens: tokens before the patches that have a position embedding.
         **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
@@ -409,11 +485,43 @@ class MlpBlock(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
+class LayerScale(keras.layers.Layer):
+    """Multiplies each channel of a residual branch by a learned scale (CaiT, Touvron et al.
+    2021; timm's `ls1`/`ls2`, DeiT III and DINOv2): a (D,) weight.
+
+    Args:
+        init_value: the initial value of every scale (timm's `init_values`, e.g. 1e-5).
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
+    """
+
+    def __init__(self, init_value=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.init_value = float(init_value)
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            name="scale", shape=(input_shape[-1],),
+            initializer=keras.initializers.Constant(self.init_value))
+
+    def call(self, tokens):
+        """(B, T, D) -> (B, T, D), each channel scaled."""
+        return tokens * ops.cast(self.scale, tokens.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "init_value": self.init_value}
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
 class TransformerBlock(keras.layers.Layer):
     """One pre-LayerNorm encoder block (Eq. 2 and 3), one line per residual branch:
 
-        z' = z + DropPath(Dropout(MSA(LN(z))))
-        z  = z' + DropPath(MLP(LN(z')))
+        z' = z + DropPath(LayerScale(Dropout(MSA(LN(z)))))
+        z  = z' + DropPath(LayerScale(MLP(LN(z'))))
+
+    (LayerScale only with `layer_scale`.)
 
     Args:
         num_heads: attention heads H; must divide D.
@@ -422,6 +530,9 @@ class TransformerBlock(keras.layers.Layer):
         attention_dropout_rate: dropout on the attention probabilities.
         stochastic_depth_rate: probability of dropping a residual branch, per example, in
             training (`StochasticDepth`).
+        layer_scale: None for none, else the initial value of both branches' `LayerScale`.
+        approximate_gelu: the MLP's GELU form (`MlpBlock`'s `approximate`).
+        layer_norm_epsilon: epsilon of both LayerNorms.
         **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
@@ -432,6 +543,9 @@ class TransformerBlock(keras.layers.Layer):
         dropout_rate=0.0,
         attention_dropout_rate=0.0,
         stochastic_depth_rate=0.0,
+        layer_scale=None,
+        approximate_gelu=True,
+        layer_norm_epsilon=LAYER_NORM_EPSILON,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -440,21 +554,33 @@ class TransformerBlock(keras.layers.Layer):
         self.dropout_rate = float(dropout_rate)
         self.attention_dropout_rate = float(attention_dropout_rate)
         self.stochastic_depth_rate = float(stochastic_depth_rate)
-        self.attention_norm = _layer_norm("attention_norm")
+        self.layer_scale = None if layer_scale is None else float(layer_scale)
+        self.approximate_gelu = bool(approximate_gelu)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.attention_norm = _layer_norm("attention_norm", self.layer_norm_epsilon)
         self.attention = MultiHeadSelfAttention(
             self.num_heads, self.attention_dropout_rate, name="attention"
         )
         self.attention_dropout = keras.layers.Dropout(self.dropout_rate, name="attention_output_dropout")
-        self.mlp_norm = _layer_norm("mlp_norm")
-        self.mlp = MlpBlock(self.mlp_dim, self.dropout_rate, name="mlp")
+        self.mlp_norm = _layer_norm("mlp_norm", self.layer_norm_epsilon)
+        self.mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.approximate_gelu, name="mlp")
         self.drop_path = StochasticDepth(self.stochastic_depth_rate, name="drop_path")
+        self.attention_scale = self.mlp_scale = None
+        if self.layer_scale is not None:
+            self.attention_scale = LayerScale(self.layer_scale, name="attention_scale")
+            self.mlp_scale = LayerScale(self.layer_scale, name="mlp_scale")
 
     def build(self, input_shape):
         # The MLP before the attention: a Dense draws its initializer's seed when it is created,
         # and the MLP's second Dense is created here. This order gives a seeded model the same
         # initial weights as the blocks before MlpBlock existed.
-        for layer in (self.attention_norm, self.mlp, self.attention, self.mlp_norm):
-            layer.build(input_shape)
+        for layer in (self.attention_norm, self.mlp, self.attention, self.mlp_norm,
+                      self.attention_scale, self.mlp_scale):
+            if layer is not None:
+                layer.build(input_shape)
+
+    def _scaled(self, scale, branch):
+        return branch if scale is None else scale(branch)
 
     def call(self, tokens, training=None, return_attention_scores=False, class_token_only=False):
         """Runs the block.
@@ -477,10 +603,10 @@ class TransformerBlock(keras.layers.Layer):
         )
         if class_token_only:
             tokens = tokens[:, :1]  # Only the class token's residual stream goes on.
-        tokens = tokens + self.drop_path(
-            self.attention_dropout(attended, training=training), training=training)
-        tokens = tokens + self.drop_path(
-            self.mlp(self.mlp_norm(tokens), training=training), training=training)
+        attended = self._scaled(self.attention_scale, self.attention_dropout(attended, training=training))
+        tokens = tokens + self.drop_path(attended, training=training)
+        transformed = self._scaled(self.mlp_scale, self.mlp(self.mlp_norm(tokens), training=training))
+        tokens = tokens + self.drop_path(transformed, training=training)
         if return_attention_scores:
             return tokens, probabilities
         return tokens
@@ -493,6 +619,9 @@ class TransformerBlock(keras.layers.Layer):
             "dropout_rate": self.dropout_rate,
             "attention_dropout_rate": self.attention_dropout_rate,
             "stochastic_depth_rate": self.stochastic_depth_rate,
+            "layer_scale": self.layer_scale,
+            "approximate_gelu": self.approximate_gelu,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
         }
 
 
@@ -518,6 +647,9 @@ class Encoder(keras.layers.Layer):
         attention_dropout_rate: dropout on the attention probabilities.
         stochastic_depth_rate: drop-path rate of the last block.
         class_token_only: whether the last block computes the class token alone (above).
+        layer_scale, approximate_gelu, layer_norm_epsilon: every block's (`TransformerBlock`).
+        final_norm: False to end without the final LayerNorm (timm's `fc_norm` models
+            normalise after pooling instead).
         **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
@@ -530,9 +662,19 @@ class Encoder(keras.layers.Layer):
         attention_dropout_rate=0.0,
         stochastic_depth_rate=0.0,
         class_token_only=False,
+        layer_scale=None,
+        approximate_gelu=True,
+        layer_norm_epsilon=LAYER_NORM_EPSILON,
+        final_norm=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.block_options = {
+            "layer_scale": None if layer_scale is None else float(layer_scale),
+            "approximate_gelu": bool(approximate_gelu),
+            "layer_norm_epsilon": float(layer_norm_epsilon),
+        }
+        self.final_norm = bool(final_norm)
         self.class_token_only = bool(class_token_only)
         self.num_layers = int(num_layers)
         self.num_heads = int(num_heads)
@@ -547,19 +689,23 @@ class Encoder(keras.layers.Layer):
                 dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 stochastic_depth_rate=self.stochastic_depth_rate * index / max(self.num_layers - 1, 1),
+                **self.block_options,
                 name=f"block_{index}",
             )
             for index in range(self.num_layers)
         ]
-        self.norm = _layer_norm("encoder_norm")
+        self.norm = None
+        if self.final_norm:
+            self.norm = _layer_norm("encoder_norm", self.block_options["layer_norm_epsilon"])
 
     def build(self, input_shape):
         for block in self.blocks:
             block.build(input_shape)
-        self.norm.build(input_shape)
+        if self.norm is not None:
+            self.norm.build(input_shape)
 
     def call(self, tokens, training=None, return_attention_scores=False):
-        """Runs every block, then the final LayerNorm.
+        """Runs every block, then the final LayerNorm (if `final_norm`).
 
         Args:
             tokens: (B, T, D).
@@ -580,7 +726,8 @@ class Encoder(keras.layers.Layer):
                 last = block is self.blocks[-1]
                 tokens = block(tokens, training=training,
                                class_token_only=self.class_token_only and last)
-        tokens = self.norm(tokens)
+        if self.norm is not None:
+            tokens = self.norm(tokens)
         if return_attention_scores:
             return tokens, ops.stack(attention_maps, axis=1)
         return tokens
@@ -595,39 +742,169 @@ class Encoder(keras.layers.Layer):
             "attention_dropout_rate": self.attention_dropout_rate,
             "stochastic_depth_rate": self.stochastic_depth_rate,
             "class_token_only": self.class_token_only,
+            **self.block_options,
+            "final_norm": self.final_norm,
         }
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
 class TokenPooling(keras.layers.Layer):
-    """Reduces the encoder output to one vector per image.
+    """Reduces the encoder output to one vector per image (or two, for DeiT's two heads).
 
     Args:
-        pooling: one of `variants.POOLINGS`: "token", the class token's output y = z_L^0
-            (Eq. 4); "gap", the mean of the patch tokens (the model then has no class token).
+        pooling: "token", the class token's output y = z_L^0 (Eq. 4); "gap", the mean of the
+            patch tokens, prefix tokens excluded (timm's "avg"). ("map" is `AttentionPooling`.)
+        num_prefix_tokens: tokens before the patches (class, distillation, register).
+        distillation: with "token", return the class and the distillation token's outputs.
         **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
-    def __init__(self, pooling="token", **kwargs):
+    def __init__(self, pooling="token", num_prefix_tokens=None, distillation=False, **kwargs):
         super().__init__(**kwargs)
         check_pooling(pooling)
+        if pooling not in ("token", "gap"):
+            raise ValueError(f"TokenPooling pools 'token' or 'gap', got {pooling!r}.")
         self.pooling = pooling
+        # None: the layer's old default, a class token exactly with token pooling.
+        self.num_prefix_tokens = int(pooling == "token" if num_prefix_tokens is None
+                                     else num_prefix_tokens)
+        self.distillation = bool(distillation)
 
     def call(self, tokens):
-        """Pools each image's tokens into one vector.
+        """Pools each image's tokens.
 
         Args:
-            tokens: (B, T, D), the class token first with "token".
+            tokens: (B, T, D), the prefix tokens first.
 
         Returns:
-            (B, D).
+            (B, D); with `distillation`, (B, 2, D): the class and distillation tokens.
         """
         if self.pooling == "token":
-            return tokens[:, 0]
+            return tokens[:, :2] if self.distillation else tokens[:, 0]
+        if self.num_prefix_tokens:
+            tokens = tokens[:, self.num_prefix_tokens:]
         return ops.mean(tokens, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        if self.distillation and self.pooling == "token":
+            return (input_shape[0], 2, input_shape[2])
+        return (input_shape[0], input_shape[2])
+
+    def get_config(self):
+        return {**super().get_config(), "pooling": self.pooling,
+                "num_prefix_tokens": self.num_prefix_tokens, "distillation": self.distillation}
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class AttentionPooling(keras.layers.Layer):
+    """Multihead attention pooling, the "MAP" head (Lee et al. 2019; big_vision's `MAPHead`,
+    timm's `AttentionPoolLatent`): a learned probe attends to every token, then a residual MLP.
+
+        y = MHA(probe, z);  y = y + MLP(LN(y));  output y[:, 0]
+
+    The key and value projections are one fused (D, 2·D) Dense, columns [key | value] in
+    (head, head_dim) order (timm's `kv`).
+
+    Args:
+        num_heads: attention heads; must divide D.
+        mlp_dim: hidden width of the MLP.
+        approximate_gelu: the MLP's GELU form.
+        layer_norm_epsilon: of the LayerNorm before the MLP.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
+    """
+
+    def __init__(self, num_heads, mlp_dim, approximate_gelu=True,
+                 layer_norm_epsilon=LAYER_NORM_EPSILON, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.mlp_dim = int(mlp_dim)
+        self.approximate_gelu = bool(approximate_gelu)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.norm = _layer_norm("norm", self.layer_norm_epsilon)
+        self.mlp = MlpBlock(self.mlp_dim, 0.0, self.approximate_gelu, name="mlp")
+
+    def build(self, input_shape):
+        hidden_size = input_shape[-1]
+        if hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden size {hidden_size} is not divisible by num_heads {self.num_heads}.")
+        self.head_dim = hidden_size // self.num_heads
+        self.probe = self.add_weight(name="probe", shape=(1, 1, hidden_size),
+                                     initializer="glorot_uniform")
+        self.query = keras.layers.Dense(hidden_size, kernel_initializer="glorot_uniform", name="query")
+        self.key_value = keras.layers.Dense(
+            2 * hidden_size, kernel_initializer="glorot_uniform", name="key_value")
+        self.out = keras.layers.Dense(hidden_size, kernel_initializer="glorot_uniform", name="out")
+        probe_shape = (input_shape[0], 1, hidden_size)
+        self.query.build(probe_shape)
+        self.key_value.build(input_shape)
+        for layer in (self.out, self.norm, self.mlp):
+            layer.build(probe_shape)
+
+    def call(self, tokens):
+        """(B, T, D) -> (B, D): the probe's output."""
+        batch_size, num_tokens = ops.shape(tokens)[0], ops.shape(tokens)[1]
+        probe = ops.broadcast_to(ops.cast(self.probe, tokens.dtype),
+                                 (batch_size, 1, ops.shape(tokens)[-1]))
+        query = ops.reshape(self.query(probe), (batch_size, 1, self.num_heads, self.head_dim))
+        key_value = ops.reshape(self.key_value(tokens),
+                                (batch_size, num_tokens, 2, self.num_heads, self.head_dim))
+        key, value = ops.unstack(key_value, 2, axis=2)
+        query = query * ops.cast(self.head_dim ** -0.5, query.dtype)
+        scores = ops.einsum("bqhd,bkhd->bhqk", query, key)
+        probabilities = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), value.dtype)
+        attended = ops.einsum("bhqk,bkhd->bqhd", probabilities, value)
+        pooled = self.out(ops.reshape(attended, (batch_size, 1, self.num_heads * self.head_dim)))
+        pooled = pooled + self.mlp(self.norm(pooled))
+        return pooled[:, 0]
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[2])
 
     def get_config(self):
-        return {**super().get_config(), "pooling": self.pooling}
+        return {**super().get_config(), "num_heads": self.num_heads, "mlp_dim": self.mlp_dim,
+                "approximate_gelu": self.approximate_gelu,
+                "layer_norm_epsilon": self.layer_norm_epsilon}
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class DistilledHead(keras.layers.Layer):
+    """DeiT's two heads at inference: the mean of the class head on the class token and the
+    distillation head on the distillation token (timm's `VisionTransformerDistilled`).
+
+    Args:
+        num_classes: classes of both heads; None for no heads, which averages the two tokens'
+            features instead (timm's pre-logits of a distilled model).
+        **kwargs: passed to `keras.layers.Layer` (name, dtype).
+    """
+
+    def __init__(self, num_classes=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.class_head = self.distillation_head = None
+        if self.num_classes is not None:
+            # Zero-initialised in float32 as the single head (`model._head`).
+            self.class_head = keras.layers.Dense(
+                self.num_classes, kernel_initializer="zeros", dtype="float32", name="class_head")
+            self.distillation_head = keras.layers.Dense(
+                self.num_classes, kernel_initializer="zeros", dtype="float32",
+                name="distillation_head")
+
+    def build(self, input_shape):
+        if self.class_head is not None:
+            feature_shape = (input_shape[0], input_shape[-1])
+            self.class_head.build(feature_shape)
+            self.distillation_head.build(feature_shape)
+
+    def call(self, features):
+        """(B, 2, D) class and distillation features -> (B, num_classes) or (B, D), float32."""
+        features = ops.cast(features, "float32")
+        if self.class_head is None:
+            return ops.mean(features, axis=1)
+        return 0.5 * (self.class_head(features[:, 0]) + self.distillation_head(features[:, 1]))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_classes or input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}

@@ -55,8 +55,9 @@ SIZES = {
 VARIANTS = ("Ti/16", "S/16", "S/32", "B/8", "B/16", "B/32", "L/16", "L/32", "H/14")
 
 # How the encoder output becomes one vector per image: "token", the class token's output
-# (Eq. 4); "gap", global average pooling of the patch tokens (the model has no class token).
-POOLINGS = ("token", "gap")
+# (Eq. 4); "gap", global average pooling of the patch tokens (prefix tokens excluded); "map",
+# multihead attention pooling (big_vision's MAP head).
+POOLINGS = ("token", "gap", "map")
 
 _VARIANT_PATTERN = re.compile(r"^(?:vit[-_]?)?(ti|s|b|l|h)[/_-]?(\d+)$", re.IGNORECASE)
 # A custom size written as short_name writes it: d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch>.

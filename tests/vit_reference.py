@@ -1,48 +1,80 @@
 """An independent NumPy Vision Transformer, written from the paper's equations (Eq. 1-4).
 
 It reads Google's checkpoint layout directly (no keras_vit code), in float64, so the Keras
-model can be checked against it. Also makes random checkpoints in that layout.
+model can be checked against it, with the options other projects' ViTs use (exact GELU, other
+LayerNorm epsilons and input normalisations, register and distillation tokens, LayerScale,
+fc_norm, the MAP head). Also makes random checkpoints in that layout.
 """
 
 import math
 
 import numpy as np
+import scipy.special
 
 
 def random_checkpoint(patch_size, hidden_size, num_layers, num_heads, mlp_dim, *, grid=4,
-                      num_classes=7, pooling="token", representation_size=None, seed=0):
-    """A checkpoint dict in google-research/vision_transformer's layout with random values."""
+                      num_classes=7, pooling="token", representation_size=None, seed=0,
+                      class_token=None, num_registers=0, distillation_token=False,
+                      position_embedding_prefix=True, layer_scale=False,
+                      norm_after_pooling=False):
+    """A checkpoint dict in keras_vit's canonical layout (Google's, extended) with random values.
+
+    The extensions: `dist` (distillation token), `reg` (1, R, D) register tokens, LayerScale
+    `LayerScale_{0,1}/scale` per block, `fc_norm` instead of `Transformer/encoder_norm`, the
+    MAP head (`MAPHead_0/...`, big_vision's names) and `head_dist`.
+    """
     rng = np.random.default_rng(seed)
     head_dim = hidden_size // num_heads
+    class_token = pooling == "token" if class_token is None else class_token
 
     def normal(*shape, scale=0.2):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
+    def attention(prefix):
+        for name in ("query", "key", "value"):
+            arrays[f"{prefix}/{name}/kernel"] = normal(hidden_size, num_heads, head_dim)
+            arrays[f"{prefix}/{name}/bias"] = normal(num_heads, head_dim)
+        arrays[f"{prefix}/out/kernel"] = normal(num_heads, head_dim, hidden_size)
+        arrays[f"{prefix}/out/bias"] = normal(hidden_size)
+
+    def norm(prefix):
+        arrays[f"{prefix}/scale"] = 1 + normal(hidden_size)
+        arrays[f"{prefix}/bias"] = normal(hidden_size)
+
+    def mlp(prefix):
+        arrays[f"{prefix}/Dense_0/kernel"] = normal(hidden_size, mlp_dim)
+        arrays[f"{prefix}/Dense_0/bias"] = normal(mlp_dim)
+        arrays[f"{prefix}/Dense_1/kernel"] = normal(mlp_dim, hidden_size)
+        arrays[f"{prefix}/Dense_1/bias"] = normal(hidden_size)
+
+    num_prefix = class_token + distillation_token + num_registers
     arrays = {
         "embedding/kernel": normal(patch_size, patch_size, 3, hidden_size, scale=0.1),
         "embedding/bias": normal(hidden_size),
         "Transformer/posembed_input/pos_embedding": normal(
-            1, grid * grid + (pooling == "token"), hidden_size),
-        "Transformer/encoder_norm/scale": 1 + normal(hidden_size),
-        "Transformer/encoder_norm/bias": normal(hidden_size),
+            1, grid * grid + num_prefix * position_embedding_prefix, hidden_size),
     }
-    if pooling == "token":
+    if class_token:
         arrays["cls"] = normal(1, 1, hidden_size)
+    if distillation_token:
+        arrays["dist"] = normal(1, 1, hidden_size)
+    if num_registers:
+        arrays["reg"] = normal(1, num_registers, hidden_size)
     for i in range(num_layers):
         block = f"Transformer/encoderblock_{i}"
-        attention = f"{block}/MultiHeadDotProductAttention_1"
-        for norm in ("LayerNorm_0", "LayerNorm_2"):
-            arrays[f"{block}/{norm}/scale"] = 1 + normal(hidden_size)
-            arrays[f"{block}/{norm}/bias"] = normal(hidden_size)
-        for name in ("query", "key", "value"):
-            arrays[f"{attention}/{name}/kernel"] = normal(hidden_size, num_heads, head_dim)
-            arrays[f"{attention}/{name}/bias"] = normal(num_heads, head_dim)
-        arrays[f"{attention}/out/kernel"] = normal(num_heads, head_dim, hidden_size)
-        arrays[f"{attention}/out/bias"] = normal(hidden_size)
-        arrays[f"{block}/MlpBlock_3/Dense_0/kernel"] = normal(hidden_size, mlp_dim)
-        arrays[f"{block}/MlpBlock_3/Dense_0/bias"] = normal(mlp_dim)
-        arrays[f"{block}/MlpBlock_3/Dense_1/kernel"] = normal(mlp_dim, hidden_size)
-        arrays[f"{block}/MlpBlock_3/Dense_1/bias"] = normal(hidden_size)
+        norm(f"{block}/LayerNorm_0")
+        attention(f"{block}/MultiHeadDotProductAttention_1")
+        norm(f"{block}/LayerNorm_2")
+        mlp(f"{block}/MlpBlock_3")
+        if layer_scale:
+            arrays[f"{block}/LayerScale_0/scale"] = normal(hidden_size, scale=0.5)
+            arrays[f"{block}/LayerScale_1/scale"] = normal(hidden_size, scale=0.5)
+    norm("fc_norm" if norm_after_pooling else "Transformer/encoder_norm")
+    if pooling == "map":
+        arrays["MAPHead_0/probe"] = normal(1, 1, hidden_size)
+        attention("MAPHead_0/MultiHeadDotProductAttention_0")
+        norm("MAPHead_0/LayerNorm_0")
+        mlp("MAPHead_0/MlpBlock_0")
     width = hidden_size
     if representation_size:
         arrays["pre_logits/kernel"] = normal(hidden_size, representation_size)
@@ -50,6 +82,9 @@ def random_checkpoint(patch_size, hidden_size, num_layers, num_heads, mlp_dim, *
         width = representation_size
     arrays["head/kernel"] = normal(width, num_classes)
     arrays["head/bias"] = normal(num_classes)
+    if distillation_token:
+        arrays["head_dist/kernel"] = normal(width, num_classes)
+        arrays["head_dist/bias"] = normal(num_classes)
     return arrays
 
 
@@ -63,51 +98,104 @@ def _gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
+def _gelu_exact(x):
+    return 0.5 * x * (1 + scipy.special.erf(x / math.sqrt(2)))
+
+
 def _softmax(x):
     x = x - x.max(-1, keepdims=True)
     e = np.exp(x)
     return e / e.sum(-1, keepdims=True)
 
 
-def forward(arrays, images, return_attention=False):
-    """Logits (B, K) of the ViT in `arrays` for images (B, H, W, 3) in [0, 255], float64."""
-    w = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
-    x = np.asarray(images, np.float64) / 127.5 - 1.0
+def _attention(w, prefix, queries, tokens):
+    """Multi-head attention of `queries` (B, Q, D) over `tokens` (B, T, D); probabilities too."""
+    q = np.einsum("btd,dhk->bthk", queries, w[f"{prefix}/query/kernel"]) + w[f"{prefix}/query/bias"]
+    k, v = (np.einsum("btd,dhk->bthk", tokens, w[f"{prefix}/{n}/kernel"]) + w[f"{prefix}/{n}/bias"]
+            for n in ("key", "value"))
+    probabilities = _softmax(np.einsum("bqhk,bphk->bhqp", q, k) / math.sqrt(q.shape[-1]))
+    heads = np.einsum("bhqp,bphk->bqhk", probabilities, v)
+    out = np.einsum("bqhk,hkd->bqd", heads, w[f"{prefix}/out/kernel"]) + w[f"{prefix}/out/bias"]
+    return out, probabilities
+
+
+def _mlp(w, prefix, x, gelu):
+    x = gelu(x @ w[f"{prefix}/Dense_0/kernel"] + w[f"{prefix}/Dense_0/bias"])
+    return x @ w[f"{prefix}/Dense_1/kernel"] + w[f"{prefix}/Dense_1/bias"]
+
+
+def _embed(w, x, position_embedding_prefix):
+    """Eq. 1: pixels (B, H, W, 3), already normalised -> tokens (B, T, D)."""
     kernel = w["embedding/kernel"]
     p, d = kernel.shape[0], kernel.shape[3]
     b, h, wd, c = x.shape
-    # Eq. 1: x_p^i E, with the patches flattened in (row, column, channel) order.
+    # x_p^i E, with the patches flattened in (row, column, channel) order.
     patches = x.reshape(b, h // p, p, wd // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, (h // p) * (wd // p), p * p * c)
     z = patches @ kernel.reshape(p * p * c, d) + w["embedding/bias"]
-    if "cls" in w:
-        z = np.concatenate([np.broadcast_to(w["cls"], (b, 1, d)), z], axis=1)
-    z = z + w["Transformer/posembed_input/pos_embedding"]
+    prefix = [np.broadcast_to(w[key], (b,) + w[key].shape[1:])
+              for key in ("cls", "dist", "reg") if key in w]
+    position = w["Transformer/posembed_input/pos_embedding"]
+    if position_embedding_prefix:
+        return np.concatenate(prefix + [z], axis=1) + position
+    return np.concatenate(prefix + [z + position], axis=1)
+
+
+def forward(arrays, images, return_attention=False, *, approximate_gelu=True,
+            layer_norm_epsilon=1e-6, input_mean=(0.5, 0.5, 0.5), input_std=(0.5, 0.5, 0.5),
+            pooling=None, position_embedding_prefix=True):
+    """Logits (B, K) of the ViT in `arrays` for images (B, H, W, 3) in [0, 255], float64.
+
+    `arrays` is in the canonical layout (`random_checkpoint`); the options are those of
+    `keras_vit.create_model`. pooling None: "map" with a MAP head, else "token" with a class
+    token, else "gap" (the mean of the patch tokens, prefix tokens excluded, as timm's "avg").
+    A distillation token's model outputs the mean of both heads (DeiT at inference).
+    """
+    w = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
+    gelu = _gelu_tanh if approximate_gelu else _gelu_exact
+
+    def norm(prefix, x):
+        return _layer_norm(x, w[f"{prefix}/scale"], w[f"{prefix}/bias"], layer_norm_epsilon)
+
+    x = (np.asarray(images, np.float64) / 255.0 - np.asarray(input_mean)) / np.asarray(input_std)
+    z = _embed(w, x, position_embedding_prefix)
+    num_prefix = sum(w[key].shape[1] for key in ("cls", "dist", "reg") if key in w)
     attention_maps = []
     layer = 0
     while f"Transformer/encoderblock_{layer}/LayerNorm_0/scale" in w:
         block = f"Transformer/encoderblock_{layer}"
-        att = f"{block}/MultiHeadDotProductAttention_1"
+        scales = [w.get(f"{block}/LayerScale_{i}/scale", 1.0) for i in (0, 1)]
         # Eq. 2: z' = MSA(LN(z)) + z
-        y = _layer_norm(z, w[f"{block}/LayerNorm_0/scale"], w[f"{block}/LayerNorm_0/bias"])
-        q, k, v = (np.einsum("btd,dhk->bthk", y, w[f"{att}/{n}/kernel"]) + w[f"{att}/{n}/bias"]
-                   for n in ("query", "key", "value"))
-        head_dim = q.shape[-1]
-        probabilities = _softmax(np.einsum("bqhk,bphk->bhqp", q, k) / math.sqrt(head_dim))
+        y = norm(f"{block}/LayerNorm_0", z)
+        attended, probabilities = _attention(w, f"{block}/MultiHeadDotProductAttention_1", y, y)
         attention_maps.append(probabilities)
-        heads = np.einsum("bhqp,bphk->bqhk", probabilities, v)
-        z = z + np.einsum("bqhk,hkd->bqd", heads, w[f"{att}/out/kernel"]) + w[f"{att}/out/bias"]
+        z = z + scales[0] * attended
         # Eq. 3: z = MLP(LN(z')) + z'
-        y = _layer_norm(z, w[f"{block}/LayerNorm_2/scale"], w[f"{block}/LayerNorm_2/bias"])
-        y = _gelu_tanh(y @ w[f"{block}/MlpBlock_3/Dense_0/kernel"] + w[f"{block}/MlpBlock_3/Dense_0/bias"])
-        z = z + y @ w[f"{block}/MlpBlock_3/Dense_1/kernel"] + w[f"{block}/MlpBlock_3/Dense_1/bias"]
+        z = z + scales[1] * _mlp(w, f"{block}/MlpBlock_3", norm(f"{block}/LayerNorm_2", z), gelu)
         layer += 1
-    # Eq. 4: y = LN(z_L^0) (or the mean of the patch tokens for "gap").
-    z = _layer_norm(z, w["Transformer/encoder_norm/scale"], w["Transformer/encoder_norm/bias"])
-    y = z[:, 0] if "cls" in w else z.mean(axis=1)
-    if "pre_logits/kernel" in w:
-        y = np.tanh(y @ w["pre_logits/kernel"] + w["pre_logits/bias"])
-    logits = y @ w["head/kernel"] + w["head/bias"]
+    if "Transformer/encoder_norm/scale" in w:
+        z = norm("Transformer/encoder_norm", z)
+    if pooling is None:
+        pooling = "map" if "MAPHead_0/probe" in w else "token" if "cls" in w else "gap"
+    if pooling == "map":
+        probe = np.broadcast_to(w["MAPHead_0/probe"], (z.shape[0], 1, z.shape[2]))
+        y, _ = _attention(w, "MAPHead_0/MultiHeadDotProductAttention_0", probe, z)
+        y = (y + _mlp(w, "MAPHead_0/MlpBlock_0", norm("MAPHead_0/LayerNorm_0", y), gelu))[:, 0]
+    elif pooling == "token":
+        y = z[:, 0]
+    else:
+        y = z[:, num_prefix:].mean(axis=1)
+    heads = [("head", y)]
+    if "dist" in w:
+        heads.append(("head_dist", z[:, 1]))
+    logits = []
+    for name, features in heads:
+        if "fc_norm/scale" in w:
+            features = norm("fc_norm", features)
+        if "pre_logits/kernel" in w:
+            features = np.tanh(features @ w["pre_logits/kernel"] + w["pre_logits/bias"])
+        logits.append(features @ w[f"{name}/kernel"] + w[f"{name}/bias"])
+    logits = sum(logits) / len(logits)
     if return_attention:
         return logits, np.stack(attention_maps, axis=1)
     return logits

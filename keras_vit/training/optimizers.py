@@ -25,8 +25,10 @@ def no_decay_variables(model, groups=WEIGHT_DECAY_GROUPS):
     Args:
         model: a built `keras.Model` (a keras_vit ViT).
         groups: any of WEIGHT_DECAY_GROUPS: "bias" (every layer's `bias`), "norm"
-            (LayerNormalization gamma and beta), "embedding" (position embedding and class
-            token; the patch projection is a kernel and is decayed, as in big_vision).
+            (LayerNormalization gamma and beta, LayerScale scales), "embedding" (position
+            embedding, class, distillation and register tokens, the MAP head's probe; the
+            patch projection is a kernel and is decayed, as in big_vision). timm excludes the
+            same: every 1-D weight, and its `no_weight_decay` names.
 
     Returns:
         A list of the variables, each once.
@@ -43,12 +45,16 @@ def no_decay_variables(model, groups=WEIGHT_DECAY_GROUPS):
     selected = {}
     for layer in model._flatten_layers(include_self=False, recursive=True):
         chosen = []
-        if "norm" in groups and isinstance(layer, keras.layers.LayerNormalization):
+        if "norm" in groups and isinstance(
+            layer, (keras.layers.LayerNormalization, vit_layers.LayerScale)
+        ):
             chosen = layer.trainable_weights
         elif "embedding" in groups and isinstance(
             layer, (vit_layers.ClassToken, vit_layers.AddPositionEmbedding)
         ):
             chosen = layer.trainable_weights
+        elif "embedding" in groups and isinstance(layer, vit_layers.AttentionPooling):
+            chosen = [layer.probe]
         elif "bias" in groups and getattr(layer, "bias", None) is not None:
             if layer.bias.trainable:
                 chosen = [layer.bias]
