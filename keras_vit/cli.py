@@ -35,3 +35,10 @@ def _exit_on_user_errors(main):
 def run(main):
     """`absl.app.run(main)`, with `main`'s `UserError`s printed as `error: ...` (exit 2)."""
     app.run(_exit_on_user_errors(main))
+
+
+# The --checkpoint help of every tool that opens a model (`keras_vit.load_classifier`).
+CHECKPOINT_HELP = (
+    "A .keras file, a training model directory, or a checkpoint (keras_vit.from_checkpoint): "
+    "a registry name, a Google/big_vision/keras_vit .npz, a timm or Hugging Face folder, or a "
+    ".safetensors file.")

@@ -42,6 +42,16 @@ def top_k_predictions(logits, k=5):
     return indices.astype(np.int64), np.take_along_axis(probabilities, indices, axis=-1)
 
 
+def eval_crop_fraction(model, requested=None):
+    """The central crop fraction to evaluate `model` with: `requested` where given, else the
+    one recorded with the model's checkpoint (timm's crop_pct, `layers.PixelNormalization`),
+    else None (the whole image)."""
+    if requested is not None:
+        return requested
+    rescale = next((layer for layer in model.layers if layer.name == "rescale"), None)
+    return getattr(rescale, "eval_crop_fraction", None)
+
+
 def load_images(paths, image_size, central_crop_fraction=None):
     """Reads image files and preprocesses them as evaluation does (`pipelines.preprocess_for_eval`).
 

@@ -1,8 +1,9 @@
 """One way to open a trained classifier, whatever form it was saved in.
 
-The command lines (evaluate, predict, export, visualize) accept a `.keras` file, a Google or
-keras_vit `.npz` checkpoint, or a training model directory; this module turns any of them into
-a model and its class names.
+The command lines (evaluate, predict, export, visualize) accept a `.keras` file, a training
+model directory, or any checkpoint `keras_vit.from_checkpoint` reads (a Google, keras_vit or
+big_vision `.npz`, a timm or Hugging Face folder, a `.safetensors` file, a registry name); this
+module turns any of them into a model and its class names.
 
 A training model directory (written by tools/train.py) holds:
     model.keras          the final model
@@ -18,8 +19,9 @@ import zipfile
 
 import keras
 
-from keras_vit.checkpoints import CheckpointError, check_finite, from_npz
+from keras_vit.checkpoints import CheckpointError, build_model, check_finite
 from keras_vit.class_names import CLASS_NAMES_FILENAME, read_class_names
+from keras_vit.sources import read_checkpoint
 from pipelines.errors import MissingFileError, UserError
 
 MODEL_FILENAME = "model.keras"
@@ -29,14 +31,15 @@ _KERAS_ARCHIVE_MEMBERS = ("config.json", "model.weights.h5")
 
 def load_classifier(path, *, image_size=None, num_classes=None, class_names_path=None,
                     allow_non_finite=False):
-    """Opens a classifier saved as a .keras file, an .npz checkpoint or a model directory.
+    """Opens a classifier saved as a .keras file, a model directory or any checkpoint.
 
     Args:
-        path: `.keras` file, `.npz` checkpoint, or a directory holding `model.keras`.
-        image_size: only for .npz: the input size (position embeddings are resampled).
-        num_classes: only for .npz: attach a new zero head of this size.
+        path: `.keras` file, a directory holding `model.keras`, or a checkpoint (file, folder
+            or registry name) as `keras_vit.from_checkpoint` takes it.
+        image_size: only for checkpoints: the input size (position embeddings are resampled).
+        num_classes: only for checkpoints: attach a new zero head of this size.
         class_names_path: a JSON list or one-name-per-line file; overrides the names found
-            next to the model.
+            next to the model or in the checkpoint (Hugging Face's id2label, timm's label names).
         allow_non_finite: load weights holding NaN or Inf instead of refusing them.
 
     Returns:
@@ -47,34 +50,16 @@ def load_classifier(path, *, image_size=None, num_classes=None, class_names_path
         MissingFileError: `path` (or the directory's model.keras) does not exist.
         CheckpointError: the file is not a readable model or checkpoint, or its weights hold
             NaN or Inf (each such weight is named).
-        UserError: `path` is of no known kind, or the class names do not match the head.
+        UserError: the class names do not match the head.
     """
-    class_names = None
-    if os.path.isdir(path):
-        model_path = os.path.join(path, MODEL_FILENAME)
-        if not os.path.exists(model_path):
-            raise MissingFileError(
-                f"{path} is a directory without {MODEL_FILENAME}: expected a model directory "
-                "written by tools/train.py, or pass a .keras or .npz file."
-            )
-        model, class_names = _load_keras(model_path, allow_non_finite)
-    elif path.endswith(".keras"):
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, MODEL_FILENAME)):
+        model, class_names = _load_keras(os.path.join(path, MODEL_FILENAME), allow_non_finite)
+    elif str(path).endswith(".keras"):
         if not os.path.exists(path):
             raise MissingFileError(f"Model file {path} does not exist.")
         model, class_names = _load_keras(path, allow_non_finite)
-    elif path.endswith(".npz"):
-        model = from_npz(path, image_size=image_size, num_classes=num_classes,
-                         allow_non_finite=allow_non_finite)
-    elif not os.path.exists(path):
-        raise MissingFileError(
-            f"{path} does not exist: expected a .keras file, an .npz checkpoint or a model "
-            "directory holding model.keras."
-        )
     else:
-        raise UserError(
-            f"Cannot tell what {path} is: expected a .keras file, an .npz checkpoint or a "
-            "model directory holding model.keras."
-        )
+        model, class_names = _load_checkpoint(path, image_size, num_classes, allow_non_finite)
     if class_names_path:
         class_names = read_class_names(class_names_path)
     num_outputs = model.output_shape[-1]
@@ -84,6 +69,17 @@ def load_classifier(path, *, image_size=None, num_classes=None, class_names_path
             f"({class_names_path or path}); the names must match the head."
         )
     return model, class_names
+
+
+def _load_checkpoint(path, image_size, num_classes, allow_non_finite):
+    """A checkpoint's model (`from_checkpoint`) and the class names it carries, if any."""
+    converted = read_checkpoint(path, image_size=image_size)
+    model = build_model(converted.arrays, converted.source, options=converted.options,
+                        image_size=image_size, num_classes=num_classes,
+                        allow_non_finite=allow_non_finite)
+    new_head = num_classes is not None and converted.class_names is not None and (
+        num_classes != len(converted.class_names))
+    return model, None if new_head else converted.class_names
 
 
 def _load_keras(model_path, allow_non_finite):

@@ -120,3 +120,37 @@ def test_predict_tool_without_images_is_a_usage_error(tmp_path):
     result = run_predict(f"--checkpoint={tmp_path}/m.keras")
     assert result.returncode != 0
     assert "Give one or more image files" in result.stderr
+
+
+def test_the_checkpoints_eval_crop_is_what_predict_uses(tmp_path):
+    """A timm checkpoint's crop_pct travels with the model (`eval_crop_fraction`), and
+    tools/predict.py crops with it unless --central_crop_fraction says otherwise. Truth: the
+    model run by hand on images cropped by `load_images`."""
+    from vit_reference import random_checkpoint
+
+    arrays = random_checkpoint(4, 32, 2, 4, 64, grid=4)
+    model = keras_vit.checkpoints.build_model(arrays, "tiny", options=dict(eval_crop_fraction=0.5))
+    assert inference.eval_crop_fraction(model) == 0.5
+    assert inference.eval_crop_fraction(model, 0.875) == 0.875
+    model.save(tmp_path / "model.keras")
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[8:24, 8:24] = np.random.default_rng(1).integers(0, 255, (16, 16, 3))
+    Image.fromarray(pixels).save(tmp_path / "centre.png")
+
+    def predicted(*flags):
+        result = subprocess.run(
+            [sys.executable, os.path.join(REPO, "tools", "predict.py"),
+             f"--checkpoint={tmp_path / 'model.keras'}", "--json", "--top_k=7", *flags,
+             str(tmp_path / "centre.png")], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        ranked = json.loads(result.stdout)["predictions"]
+        return np.array([p["probability"] for p in sorted(ranked, key=lambda p: p["index"])])
+
+    def by_hand(fraction):
+        images = inference.load_images([str(tmp_path / "centre.png")], 16, fraction)
+        logits = model.predict(images, verbose=0)[0]
+        return np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+
+    np.testing.assert_allclose(predicted(), by_hand(0.5), rtol=1e-4)
+    np.testing.assert_allclose(predicted("--central_crop_fraction=1.0"), by_hand(1.0), rtol=1e-4)
+    assert not np.allclose(by_hand(0.5), by_hand(1.0), rtol=1e-3)

@@ -136,7 +136,7 @@ def test_a_missing_path_of_no_known_kind_is_a_missing_file(tmp_path):
     with pytest.raises(MissingFileError, match=f"{tmp_path}/run does not exist"):
         load_classifier(str(tmp_path / "run"))
     (tmp_path / "weights.h5").write_bytes(b"")
-    with pytest.raises(UserError, match="Cannot tell what"):
+    with pytest.raises(UserError, match="weights.h5 is of no checkpoint format keras_vit reads"):
         load_classifier(str(tmp_path / "weights.h5"))
 
 

@@ -17,13 +17,13 @@ from absl import app, flags, logging
 
 import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-up)
 import pipelines
-from keras_vit import class_names as class_names_lib, evaluation, load_classifier
+from keras_vit import class_names as class_names_lib, evaluation, inference, load_classifier
 from keras_vit.analysis import figures
 from keras_vit.training.strategy import STRATEGIES, create_strategy
 from keras_vit import cli
 
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A .keras file, an .npz checkpoint or a training model directory.",
+    "checkpoint", None, cli.CHECKPOINT_HELP,
     required=True)
 _DATA = flags.DEFINE_string(
     "data", None, "TFRecord directory or file pattern (tools/convert_data.py), or tfds:NAME.",
@@ -111,7 +111,8 @@ def main(argv):
     if _IMAGE_SIZE.value and _IMAGE_SIZE.value != image_size:
         raise pipelines.UserError(
             f"--image_size={_IMAGE_SIZE.value} but {_CHECKPOINT.value} takes {image_size}-pixel "
-            "images; a saved Keras model has a fixed input size (only an .npz can be resampled).")
+            "images; a saved Keras model has a fixed input size (only a checkpoint can be "
+            "resampled).")
     num_classes = int(model.output_shape[-1])
     data_class_names, expected = pipelines.describe_source(
         _DATA.value, _SPLIT.value, _TFDS_DATA_DIR.value)
@@ -133,7 +134,8 @@ def main(argv):
         return pipelines.build_dataset(
             _DATA.value, split=_SPLIT.value, image_size=image_size, batch_size=batch_size,
             input_context=input_context, training=False, num_classes=num_classes,
-            label_offset=_LABEL_OFFSET.value, central_crop_fraction=_CENTRAL_CROP.value,
+            label_offset=_LABEL_OFFSET.value,
+            central_crop_fraction=inference.eval_crop_fraction(model, _CENTRAL_CROP.value),
             on_bad_record=_ON_BAD_RECORD.value, tfds_data_dir=_TFDS_DATA_DIR.value,
             bad_record_counter=counter)
 

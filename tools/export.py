@@ -21,7 +21,7 @@ from keras_vit.serving import export as export_lib
 
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Training model directory (model.keras, class_names.json).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A .keras file or an .npz checkpoint.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, cli.CHECKPOINT_HELP)
 _EXPORT_DIR = flags.DEFINE_string(
     "export_dir", None, "Model base path TF Serving watches; versions go below it.", required=True)
 _VERSION = flags.DEFINE_integer("version", None, "Version number. Default: the next free one.")
@@ -29,9 +29,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 5, "Best classes returned per image.")
 _CLASS_NAMES = flags.DEFINE_string(
     "class_names", None, "JSON list or one-name-per-line file; overrides the model's names.")
 _IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", None, ".npz only: input size (position embeddings are resampled).")
+    "image_size", None, "Checkpoints only: input size (position embeddings are resampled).")
 _NUM_CLASSES = flags.DEFINE_integer(
-    "num_classes", None, ".npz only: attach a new zero head of this many classes.")
+    "num_classes", None, "Checkpoints only: attach a new zero head of this many classes.")
 _CENTRAL_CROP_FRACTION = flags.DEFINE_float(
     "central_crop_fraction", None,
     "Central crop of the eval preprocessing (e.g. 0.875); match the evaluation you measured.")

@@ -19,11 +19,11 @@ from keras_vit import class_names as class_names_lib, inference, load_classifier
 from keras_vit import cli
 
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A .keras file, an .npz checkpoint or a training model directory.",
+    "checkpoint", None, cli.CHECKPOINT_HELP,
     required=True)
 _LABELS = flags.DEFINE_string("labels", None, "Class names: JSON list or one name per line.")
 _IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", None, "Only for .npz: input side in pixels (default: the checkpoint's).")
+    "image_size", None, "Checkpoints only: input side in pixels (default: the checkpoint's).")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "How many classes to list per image.")
 _CENTRAL_CROP = flags.DEFINE_float(
     "central_crop_fraction", None, "Keep this central fraction of each side before resizing.")
@@ -65,7 +65,8 @@ def main(argv):
         _CHECKPOINT.value, image_size=_IMAGE_SIZE.value, class_names_path=_LABELS.value,
         allow_non_finite=_ALLOW_NON_FINITE.value)
     class_names = class_names_lib.resolve_class_names(int(model.output_shape[-1]), class_names)
-    images = inference.load_images(paths, int(model.input_shape[1]), _CENTRAL_CROP.value)
+    images = inference.load_images(paths, int(model.input_shape[1]),
+                                   inference.eval_crop_fraction(model, _CENTRAL_CROP.value))
     indices, probabilities = inference.top_k_predictions(
         inference.predict_logits(model, images), _TOP_K.value)
     for path, top_indices, top_probabilities in zip(paths, indices, probabilities):

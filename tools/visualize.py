@@ -28,10 +28,10 @@ from keras_vit.analysis import figures
 from keras_vit import cli
 
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A .keras file, an .npz checkpoint or a training model directory.")
+    "checkpoint", None, cli.CHECKPOINT_HELP)
 _OUTPUT = flags.DEFINE_string("output", None, "PNG file to write.", required=True)
 _IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", None, "Only for .npz: input side in pixels (default: the checkpoint's).")
+    "image_size", None, "Checkpoints only: input side in pixels (default: the checkpoint's).")
 _LABELS = flags.DEFINE_string("labels", None, "Class names for the titles of `attention`.")
 _DATA = flags.DEFINE_string(
     "data", None, "Images for attention / attention_distance from a dataset (a TFRecord "

@@ -45,6 +45,7 @@ from absl import logging
 
 import pipelines
 from keras_vit.class_names import fallback_class_names
+from keras_vit.inference import eval_crop_fraction
 from keras_vit.serving.signatures import (
     BYTES_INPUT,
     CLASS_NAMES_ASSET,
@@ -176,11 +177,13 @@ def build_archive(
             the `labels` output reads.
         top_k: number of best classes in `classes`, `scores` and `labels`, at most num_classes.
         central_crop_fraction: passed to `pipelines.preprocess_for_eval`; must match the
-            evaluation pipeline the model was measured with (None: the whole image).
+            evaluation pipeline the model was measured with. None: the fraction recorded with
+            the model's checkpoint (timm's crop_pct), else the whole image.
         max_image_pixels: `serving_default` refuses an image whose header declares more pixels
             (height x width), before decoding it; None: no cap.
     """
     image_size = _square_image_size(model)
+    central_crop_fraction = eval_crop_fraction(model, central_crop_fraction)
     table = _label_table(class_names_path)
     classify = _classifier(model, table, image_size, top_k)
 

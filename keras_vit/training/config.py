@@ -39,8 +39,10 @@ class TrainConfig:
     """A training run. Field = flag of tools/train.py; `metadata["help"]` says what it means."""
 
     model: str = _flag(
-        "B/16", "B/16 (any keras_vit variant), npz:PATH (a Google checkpoint to fine-tune), or "
-                "d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch> for a custom size.")
+        "B/16", "B/16 (any keras_vit variant), d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch> for "
+                "a custom size, or a checkpoint to fine-tune: pretrained:NAME (keras_vit's "
+                "registry, e.g. pretrained:augreg_B/16_i21k) or checkpoint:PATH (any layout "
+                "keras_vit.from_checkpoint reads; npz:PATH too).")
     image_size: int = _flag(
         224, "Training and eval resolution in pixels (multiple of the patch size).")
     num_classes: int = _flag(
@@ -130,17 +132,25 @@ def parse_model(model):
     Args:
         model: a keras_vit variant name such as "B/16"; a custom encoder in the form of
             keras_vit's model names, d<hidden>_l<layers>_h<heads>_m<mlp>_p<patch> (e.g.
-            "d64_l4_h4_m128_p4"); or "npz:PATH", a Google checkpoint to fine-tune.
+            "d64_l4_h4_m128_p4"); "pretrained:NAME", a checkpoint of keras_vit's registry;
+            or "checkpoint:PATH" (also "npz:PATH"), a checkpoint file or folder of any
+            layout `keras_vit.from_checkpoint` reads, to fine-tune.
 
     Returns:
-        The `ViTConfig` of a variant or custom encoder, or the checkpoint's PATH (a str).
+        The `ViTConfig` of a variant or custom encoder, or the checkpoint's PATH or registry
+        NAME (a str).
 
     Raises:
         ValueError, TypeError: `model` is none of these forms.
     """
-    if model.startswith("npz:"):
-        return model[len("npz:"):]
+    for prefix in CHECKPOINT_PREFIXES:
+        if model.startswith(prefix):
+            return model[len(prefix):]
     return parse_variant(model)
+
+
+# --model prefixes of a checkpoint to start from: a registry name, or a path of any layout.
+CHECKPOINT_PREFIXES = ("pretrained:", "checkpoint:", "npz:")
 
 
 def _fail(flag, value, expected):
@@ -152,11 +162,23 @@ def _check_model(config):
     try:
         parsed = parse_model(config.model)
     except (ValueError, TypeError) as error:
-        _fail("model", config.model, f"{error} Or npz:PATH for a checkpoint.")
+        _fail("model", config.model,
+              f"{error} Or pretrained:NAME (a registry name) or checkpoint:PATH for a checkpoint.")
+    if config.model.startswith("pretrained:"):
+        _check_registry_name(config.model[len("pretrained:"):])
     if isinstance(parsed, ViTConfig) and config.image_size % parsed.patch_size:
         _fail("image_size", config.image_size,
               f"must be a multiple of the patch size {parsed.patch_size} of "
               f"--model={config.model}.")
+
+
+def _check_registry_name(name):
+    from keras_vit import pretrained  # Here: only a pretrained:NAME model needs the registry.
+
+    try:
+        pretrained.entry(name)
+    except pretrained.UnknownNameError as error:
+        _fail("model", f"pretrained:{name}", str(error))
 
 
 def _check_counts(config):

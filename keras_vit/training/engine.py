@@ -19,10 +19,10 @@ import tensorflow as tf
 from absl import logging
 
 import pipelines
-from keras_vit.checkpoints import from_npz
 from keras_vit.class_names import fallback_class_names, write_class_names
 from keras_vit.loading import MODEL_FILENAME
 from keras_vit.model import create_model
+from keras_vit.sources import from_checkpoint
 from keras_vit.training import backup as backup_lib
 from keras_vit.training import callbacks as callbacks_lib
 from keras_vit.training import strategy as strategy_lib
@@ -66,7 +66,8 @@ def prepare_data(config, strategy):
 
 
 def build_model(config, num_classes):
-    """The ViT of --model (a variant, a custom d.._l.._h.._m.._p.. size, or npz:PATH).
+    """The ViT of --model (a variant, a custom d.._l.._h.._m.._p.. size, pretrained:NAME or
+    checkpoint:PATH).
 
     Args:
         config: the `TrainConfig` (model, image size, pooling, dropout rates).
@@ -74,7 +75,8 @@ def build_model(config, num_classes):
 
     Returns:
         A `keras.Model` from images `(batch, image_size, image_size, 3)` to logits
-        `(batch, K)`; from an npz checkpoint, with its encoder's weights and a zero head.
+        `(batch, K)`; from a checkpoint, with its encoder's weights (and its architecture and
+        input normalisation) and a new zero head where K differs from the checkpoint's.
     """
     parsed = parse_model(config.model)
     dropout = dict(
@@ -83,7 +85,8 @@ def build_model(config, num_classes):
         stochastic_depth_rate=config.stochastic_depth_rate,
     )
     if isinstance(parsed, str):
-        return from_npz(parsed, image_size=config.image_size, num_classes=num_classes, **dropout)
+        return from_checkpoint(parsed, image_size=config.image_size, num_classes=num_classes,
+                               **dropout)
     return create_model(
         parsed,
         image_size=config.image_size,
