@@ -1,6 +1,11 @@
-"""Shared pieces of the export and serving tests: encoded test images and a tiny classifier."""
+"""Shared pieces of the export and serving tests: encoded test images, a tiny classifier, real
+sample images, and a TensorFlow-only process that serves requests as TF Serving does."""
 
 import io
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -26,3 +31,109 @@ def tiny_classifier(directory):
     path = str(directory / "tiny.npz")
     np.savez(path, **arrays)
     return keras_vit.from_npz(path)
+
+
+# Runs in a fresh interpreter that cannot import our packages: loads the SavedModel into a
+# session and feeds each request through a callable on the SignatureDef's tensor names (C++
+# Session::RunCallable, as TF Serving's predict does: no Python shape or dtype checks first).
+# With a warmup file path, also replays each of its PredictionLogs the same way (it imports
+# tensorflow_serving.apis for the proto, as TF Serving reads it).
+_TF_ONLY_SESSION = r"""
+import json, sys
+sys.modules["keras_vit"] = None
+sys.modules["pipelines"] = None
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2
+
+saved_model_dir, requests_path, answers_path, warmup_path = sys.argv[1:]
+session = tf.compat.v1.Session(graph=tf.Graph())
+with session.graph.as_default():
+    meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], saved_model_dir)
+runners = {}
+
+
+def run(signature, value):
+    if signature not in runners:
+        definition = meta_graph.signature_def[signature]
+        (input_info,) = definition.inputs.values()
+        options = config_pb2.CallableOptions(
+            feed=[input_info.name],
+            fetch=[definition.outputs[name].name for name in ("probabilities", "classes")])
+        runners[signature] = session._make_callable_from_options(options)
+    try:
+        probabilities, classes = runners[signature](value)
+        return {"probabilities": probabilities.tolist(), "classes": classes.tolist()}
+    except tf.errors.InvalidArgumentError as error:
+        return {"error": error.message, "code": "INVALID_ARGUMENT"}
+
+
+requests = np.load(requests_path, allow_pickle=True)
+answers = {key: run(key.split(":")[0], requests[key]) for key in requests.files}
+warmup = []
+if warmup_path:
+    from tensorflow_serving.apis import prediction_log_pb2
+    for record in tf.data.TFRecordDataset(warmup_path).as_numpy_iterator():
+        log = prediction_log_pb2.PredictionLog.FromString(record)
+        request = log.predict_log.request
+        (value,) = [tf.make_ndarray(proto) for proto in request.inputs.values()]
+        warmup.append({"signature": request.model_spec.signature_name,
+                       "inputs": list(request.inputs), "shape": list(value.shape),
+                       "dtype": str(value.dtype), **run(request.model_spec.signature_name, value)})
+answers["warmup"] = warmup
+answers["loaded_our_code"] = [m for m in ("keras_vit", "pipelines") if sys.modules.get(m)]
+with open(answers_path, "w") as stream:
+    json.dump(answers, stream)
+"""
+
+
+def serve_in_tensorflow_only_process(saved_model_dir, requests, directory, warmup_path=""):
+    """Answers of a TensorFlow-only process (no keras_vit, no pipelines) to `requests`.
+
+    Args:
+        saved_model_dir: the exported version directory.
+        requests: {"<signature>:<case>": numpy array fed as the signature's one input}.
+        directory: a pathlib.Path for the request and answer files.
+        warmup_path: a TF Serving warmup file to replay too ("" for none).
+
+    Returns:
+        {case key: {"probabilities", "classes"} or {"error", "code": "INVALID_ARGUMENT"}},
+        "warmup": [{"signature", "inputs", "shape", "dtype", and the answer}] in file order.
+    """
+    requests_path, answers_path = str(directory / "requests.npz"), str(directory / "answers.json")
+    np.savez(requests_path, **requests)
+    result = subprocess.run(
+        [sys.executable, "-c", _TF_ONLY_SESSION, saved_model_dir, requests_path, answers_path,
+         warmup_path],
+        capture_output=True, text=True, timeout=600, cwd=str(directory),
+        env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]  # -6 would be SIGABRT
+    with open(answers_path) as stream:
+        answers = json.load(stream)
+    assert answers.pop("loaded_our_code") == []
+    return answers
+
+
+def strings(*items):
+    """A numpy object array of byte strings, as a string tensor is fed."""
+    array = np.empty(len(items), object)
+    array[:] = items
+    return array
+
+
+def sample_images(count):
+    """The bytes of the first `count` real JPEGs of ../shared/data/imagenet/sample_images,
+    or a pytest skip when they are absent."""
+    import pytest
+
+    directory = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "..", "shared", "data", "imagenet", "sample_images")
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    if len(names) < count:
+        pytest.skip(f"needs {count} real images in {os.path.normpath(directory)}; "
+                    f"found {len(names)}")
+    images = []
+    for name in names[:count]:
+        with open(os.path.join(directory, name), "rb") as stream:
+            images.append(stream.read())
+    return images

@@ -1,23 +1,30 @@
-"""Exports a classifier as a TensorFlow Serving SavedModel: versioned, atomic, two signatures.
+"""Exports a classifier as a TensorFlow Serving SavedModel: versioned, atomic, four signatures.
 
     EXPORT_DIR/
       1/                        one immutable version per export (TF Serving serves the highest)
         saved_model.pb
-        variables/              each weight stored once
+        variables/              each weight stored once (float32, or bfloat16: `precision`)
         assets/class_names.txt  one class name per line, index = class
+        assets.extra/tf_serving_warmup_requests   TF Serving's warmup requests (`warmup`)
       2/ ...
 
 Signatures (batch dimension dynamic, -1 in `saved_model_cli`):
 
-    serving_default   image_bytes: string (batch,)  JPEG/PNG/GIF/BMP of any size, decoded and
-                      resized in the graph by `pipelines.preprocess_for_eval`, the evaluation
-                      preprocessing itself
-    predict_pixels    images: float32 (batch, size, size, 3), RGB in [0, 255]
+    serving_default       image_bytes: string (batch,)  JPEG/PNG/GIF/BMP of any size, decoded
+                          and resized in the graph by `pipelines.preprocess_for_eval`, the
+                          evaluation preprocessing itself
+    predict_pixels        images: float32 (batch, size, size, 3), RGB in [0, 255]
+    predict_tf_example    tf_examples: string (batch,) serialized tf.train.Example, the image's
+                          bytes under `pipelines.records.IMAGE_ENCODED` (`image/encoded`, as in
+                          the training records and TF Model Garden's export); then as
+                          serving_default
+    predict_image_tensor  image_tensor: uint8 (batch, height, width, 3), any height and width;
+                          cropped and resized in the graph as serving_default does after decoding
 
-    both return       probabilities  float32 (batch, num_classes)  softmax of the logits
-                      classes        int32   (batch, top_k)        best first
-                      scores         float32 (batch, top_k)        their probabilities
-                      labels         string  (batch, top_k)        their class names
+    all return            probabilities  float32 (batch, num_classes)  softmax of the logits
+                          classes        int32   (batch, top_k)        best first
+                          scores         float32 (batch, top_k)        their probabilities
+                          labels         string  (batch, top_k)        their class names
 
 Every request is validated in the graph before any kernel that could abort the process (a
 mis-ranked tensor reaching Conv2D fails a CHECK in TensorFlow and kills the server): TF Serving
@@ -46,13 +53,20 @@ from absl import logging
 import pipelines
 from keras_vit.class_names import fallback_class_names
 from keras_vit.inference import eval_crop_fraction
+from keras_vit.serving import precision as precision_lib
+from keras_vit.serving import warmup
 from keras_vit.serving.signatures import (
     BYTES_INPUT,
     CLASS_NAMES_ASSET,
+    IMAGE_TENSOR_INPUT,
+    IMAGE_TENSOR_SIGNATURE,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
     SERVING_SIGNATURE,
+    TF_EXAMPLE_INPUT,
+    TF_EXAMPLE_SIGNATURE,
 )
+from pipelines import preprocess, records
 from pipelines.errors import UserError
 
 # Variables may exceed the weights by the checkpoint index (names, shapes, checksums): 10% plus
@@ -83,6 +97,8 @@ class ExportedModel:
     weight_bytes: int  # the model's weights in memory
     variables_bytes: int  # the SavedModel's variables/ directory on disk
     max_image_pixels: int | None = None  # serving_default's cap on decoded pixels (None: none)
+    precision: str = "float32"  # of the stored weights and the compute: float32 or bfloat16
+    warmup_requests: int = 0  # records in assets.extra/tf_serving_warmup_requests (0: no file)
 
 
 def existing_versions(export_dir: str) -> list[int]:
@@ -168,7 +184,7 @@ def build_archive(
     central_crop_fraction: float | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> keras.export.ExportArchive:
-    """An `ExportArchive` holding `model` behind the two serving signatures.
+    """An `ExportArchive` holding `model` behind the four serving signatures.
 
     Args:
         model: a classifier taking float32 (batch, size, size, 3) images in [0, 255] and
@@ -179,53 +195,68 @@ def build_archive(
         central_crop_fraction: passed to `pipelines.preprocess_for_eval`; must match the
             evaluation pipeline the model was measured with. None: the fraction recorded with
             the model's checkpoint (timm's crop_pct), else the whole image.
-        max_image_pixels: `serving_default` refuses an image whose header declares more pixels
-            (height x width), before decoding it; None: no cap.
+        max_image_pixels: `serving_default` and `predict_tf_example` refuse an image whose
+            header declares more pixels (height x width), before decoding it, and
+            `predict_image_tensor` an image tensor of more; None: no cap.
     """
     image_size = _square_image_size(model)
     central_crop_fraction = eval_crop_fraction(model, central_crop_fraction)
     table = _label_table(class_names_path)
     classify = _classifier(model, table, image_size, top_k)
-
-    def serve_pixels(images):
-        return classify(_checked_pixels(images, image_size))
-
-    def preprocess(args):
-        image_bytes, index = args
-        context = tf.strings.format(BYTES_INPUT + "[{}]", index)
-        return pipelines.preprocess_for_eval(
-            image_bytes, image_size, central_crop_fraction, context=context,
-            max_image_pixels=max_image_pixels,
-        )
+    decode = _decoder(image_size, central_crop_fraction, max_image_pixels)
 
     def serve_image_bytes(image_bytes):
         image_bytes = _checked_rank(image_bytes, 1, f"{SERVING_SIGNATURE}: input `{BYTES_INPUT}` "
                                     "must be a string vector (batch,) of encoded images")
-        indices = tf.range(tf.shape(image_bytes, out_type=tf.int64)[0])
-        images = tf.map_fn(
-            preprocess,
-            (image_bytes, indices),
-            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
-        )
-        return classify(images)
+        return classify(decode(image_bytes, BYTES_INPUT))
+
+    def serve_pixels(images):
+        return classify(_checked_pixels(images, image_size))
+
+    def serve_tf_examples(tf_examples):
+        return classify(decode(_parsed_image_bytes(tf_examples), TF_EXAMPLE_INPUT))
+
+    def serve_image_tensor(image_tensor):
+        image_tensor = _checked_image_tensor(image_tensor, max_image_pixels)
+        return classify(_cropped_and_resized(image_tensor, image_size, central_crop_fraction))
 
     archive = keras.export.ExportArchive()
     # The table is a resource the signatures capture; tracking it saves it with its asset.
     archive.track(table)
     # serving_default first and by name, so Keras does not alias the first endpoint to it.
-    archive.add_endpoint(
-        SERVING_SIGNATURE,
-        serve_image_bytes,
-        input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)],
-    )
-    archive.add_endpoint(
-        PIXELS_SIGNATURE,
-        serve_pixels,
-        input_signature=[
-            tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=PIXELS_INPUT)
-        ],
-    )
+    for name, function, spec in (
+            (SERVING_SIGNATURE, serve_image_bytes, tf.TensorSpec([None], tf.string, BYTES_INPUT)),
+            (PIXELS_SIGNATURE, serve_pixels,
+             tf.TensorSpec([None, image_size, image_size, 3], tf.float32, PIXELS_INPUT)),
+            (TF_EXAMPLE_SIGNATURE, serve_tf_examples,
+             tf.TensorSpec([None], tf.string, TF_EXAMPLE_INPUT)),
+            (IMAGE_TENSOR_SIGNATURE, serve_image_tensor,
+             tf.TensorSpec([None, None, None, 3], tf.uint8, IMAGE_TENSOR_INPUT))):
+        archive.add_endpoint(name, function, input_signature=[spec])
     return archive
+
+
+def _decoder(image_size, central_crop_fraction, max_image_pixels):
+    """(string (batch,) encoded images, input name) -> float32 (batch, size, size, 3), each by
+    `pipelines.preprocess_for_eval`; an error names the image as `<input name>[i]`."""
+
+    def decode(image_bytes, input_name):
+        def preprocess_one(args):
+            one_image, index = args
+            return pipelines.preprocess_for_eval(
+                one_image, image_size, central_crop_fraction,
+                context=tf.strings.format(input_name + "[{}]", index),
+                max_image_pixels=max_image_pixels,
+            )
+
+        indices = tf.range(tf.shape(image_bytes, out_type=tf.int64)[0])
+        return tf.map_fn(
+            preprocess_one,
+            (image_bytes, indices),
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+        )
+
+    return decode
 
 
 def _classifier(model, table, image_size, top_k):
@@ -296,6 +327,93 @@ def _checked_pixels(images: tf.Tensor, image_size: int) -> tf.Tensor:
         images, f"{name} holds NaN or Inf pixels; send RGB values in [0, 255]")
 
 
+def _checked_image_tensor(image_tensor: tf.Tensor, max_image_pixels: int | None) -> tf.Tensor:
+    """`image_tensor` after in-graph checks of shape (batch, height, width, 3) with height and
+    width at least 1 (any, for an empty batch) and, with a cap, height x width at most it.
+
+    The dtype (uint8) is checked by TensorFlow itself when fed.
+    """
+    name = f"{IMAGE_TENSOR_SIGNATURE}: input `{IMAGE_TENSOR_INPUT}`"
+    rank, shape = _runtime_shape(image_tensor)
+    padded = tf.concat([shape, tf.fill([4], -1)], axis=0)
+    not_empty = tf.logical_and(padded[1] >= 1, padded[2] >= 1)
+    ok = tf.logical_and(
+        tf.logical_and(tf.equal(rank, 4), tf.equal(padded[3], 3)),
+        tf.logical_or(tf.equal(padded[0], 0), not_empty))
+    checks = [tf.debugging.Assert(
+        ok, [f"{name} must be uint8 (batch, height, width, 3) RGB pixels, height and width at "
+             "least 1; got shape", shape], summarize=8)]
+    if max_image_pixels is not None:
+        with tf.control_dependencies(checks):
+            pixels = tf.cast(padded[1], tf.int64) * tf.cast(padded[2], tf.int64)
+            checks.append(tf.debugging.Assert(
+                pixels <= max_image_pixels,
+                [f"{name}: {preprocess.IMAGE_TOO_LARGE}: height x width more than the "
+                 f"{max_image_pixels} pixels allowed (max_image_pixels); got shape", shape],
+                summarize=8))
+    with tf.control_dependencies(checks):
+        return tf.identity(image_tensor)
+
+
+def _cropped_and_resized(image_tensor, image_size, central_crop_fraction):
+    """uint8 (batch, height, width, 3) -> float32 (batch, size, size, 3): each image cropped and
+    resized by the ops `pipelines.preprocess_for_eval` applies after decoding."""
+
+    def crop_and_resize(image):
+        if central_crop_fraction is not None:
+            image = tf.image.central_crop(image, central_crop_fraction)
+        return preprocess.resize(image, image_size)
+
+    return tf.map_fn(
+        crop_and_resize, image_tensor,
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+
+
+def _first_false(condition: tf.Tensor) -> tf.Tensor:
+    """int64 index of the first False of a bool vector (its length if none)."""
+    return tf.argmin(tf.concat([tf.cast(condition, tf.int32), [1]], 0), output_type=tf.int64)
+
+
+def _assert_each(condition, template, checks=()):
+    """An assertion that `condition` (bool (batch,)) holds, its message `template` formatted
+    with the first failing index; runs after `checks`."""
+    with tf.control_dependencies(list(checks)):
+        message = tf.strings.format(template, _first_false(condition))
+        return tf.debugging.Assert(tf.reduce_all(condition), [message])
+
+
+def _parsed_image_bytes(tf_examples: tf.Tensor) -> tf.Tensor:
+    """string (batch,) serialized Examples -> string (batch,) their `image/encoded` bytes.
+
+    Checked in the graph, each failure naming the input and the element: a vector; each
+    element empty or starting as a serialized Example does (0x0a, its field 1, `features`,
+    first), so that text, JSON or image bytes sent here by mistake are named; an
+    `image/encoded` value present. A proto corrupt past its first byte fails in
+    ParseExampleV2 itself ("Could not parse example input"), in the op named after the input:
+    a failed parse cannot be caught in a graph except by tf.data, which costs ~10 ms a request.
+    """
+    name = f"{TF_EXAMPLE_SIGNATURE}: input `{TF_EXAMPLE_INPUT}`"
+    tf_examples = _checked_rank(
+        tf_examples, 1, f"{name} must be a string vector (batch,) of serialized tf.train.Example")
+    starts_as_example = tf.logical_or(
+        tf.equal(tf.strings.length(tf_examples), 0),
+        tf.equal(tf.strings.substr(tf_examples, 0, 1), b"\x0a"))
+    looks_right = _assert_each(
+        starts_as_example,
+        f"{name}: {TF_EXAMPLE_INPUT}" + "[{}] is not a serialized tf.train.Example")
+    feature_spec = {records.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string, default_value="")}
+    with tf.control_dependencies([looks_right]):
+        image_bytes = tf.io.parse_example(
+            tf_examples, feature_spec, name=f"{TF_EXAMPLE_SIGNATURE}_{TF_EXAMPLE_INPUT}",
+        )[records.IMAGE_ENCODED]
+    has_image = _assert_each(
+        tf.strings.length(image_bytes) > 0,
+        f"{name}: {TF_EXAMPLE_INPUT}" + "[{}] has no `" + records.IMAGE_ENCODED
+        + "` bytes (the encoded image)")
+    with tf.control_dependencies([has_image]):
+        return tf.identity(image_bytes)
+
+
 def export_classifier(
     model: keras.Model,
     export_dir: str,
@@ -305,14 +423,19 @@ def export_classifier(
     top_k: int = 5,
     central_crop_fraction: float | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    precision: str = "float32",
+    warmup_batch_sizes=warmup.DEFAULT_WARMUP_BATCH_SIZES,
+    warmup_images=None,
+    verify=None,
 ) -> ExportedModel:
     """Writes `model` as SavedModel version `version` under `export_dir`, atomically.
 
-    The SavedModel is written to a hidden temporary directory inside `export_dir` (TF Serving
-    only looks at integer names) and renamed to `export_dir/<version>` when complete, so a
-    serving process polling `export_dir` never loads half a model. The version is readable as
-    the user's umask allows (world-readable under 022), as a TF Serving running as another user
-    needs. Temporary directories left by killed exports are removed first (`remove_stale_exports`).
+    The SavedModel (its warmup file included) is written to a hidden temporary directory
+    inside `export_dir` (TF Serving only looks at integer names) and renamed to
+    `export_dir/<version>` when complete, so a serving process polling `export_dir` never loads
+    half a model. The version is readable as the user's umask allows (world-readable under
+    022), as a TF Serving running as another user needs. Temporary directories left by killed
+    exports are removed first (`remove_stale_exports`).
 
     Args:
         model: the classifier, see `build_archive`. Needs the TensorFlow backend.
@@ -322,46 +445,73 @@ def export_classifier(
         top_k: best classes returned per image; capped at the number of classes.
         central_crop_fraction: see `build_archive`.
         max_image_pixels: see `build_archive`; default 40 megapixels, None for no cap.
+        precision: "float32": the model as it is (its own dtype policy); "bfloat16": weights
+            stored in bfloat16 and computed in bfloat16 with no per-call weight casts
+            (`precision.bfloat16_model`); the outputs are float32 either way.
+        warmup_batch_sizes: batch sizes of the warmup requests, one per signature each, in
+            `assets.extra/tf_serving_warmup_requests`; () for no warmup file.
+        warmup_images: encoded images (bytes) the warmup requests are built from; None: a
+            generated JPEG (`warmup.default_warmup_image`).
+        verify: None, or a function called with the complete temporary SavedModel directory
+            before it is published; what it raises stops the publication (`manifest.verify`
+            runs the export in a fresh process and may write the manifest into it).
 
     Returns:
         An `ExportedModel` describing what was written.
 
     Raises:
         ExportError: non-square model, class names not matching the head, a version that
-            exists, a `max_image_pixels` that is not a positive integer, or variables larger
-            than the weights allow (duplicated variables).
+            exists, a `max_image_pixels` that is not a positive integer, an unknown precision,
+            bad warmup batch sizes or images, variables larger than the weights allow
+            (duplicated variables), or a bfloat16 graph that casts weights.
+        MissingExtraError: warmup requests asked for without tensorflow-serving-api.
     """
     _require_tensorflow_backend()
     num_classes = int(model.output_shape[-1])
+    image_size = _square_image_size(model)
     class_names = _check_class_names(class_names, num_classes)
     top_k = _check_top_k(top_k, num_classes)
     _check_max_image_pixels(max_image_pixels)
+    central_crop_fraction = eval_crop_fraction(model, central_crop_fraction)
+    served = precision_lib.model_in_precision(model, precision)
+    logs = warmup.checked_prediction_logs(warmup_images, warmup_batch_sizes, image_size, central_crop_fraction,
+                        max_image_pixels)
     version, final_path = _new_version_path(export_dir, version)
+    stored, weights = _write_version(
+        served, export_dir, final_path, logs, precision=precision, verify=verify,
+        class_names=class_names,
+        top_k=top_k, central_crop_fraction=central_crop_fraction,
+        max_image_pixels=max_image_pixels)
+    logging.info("Exported %s: %d bytes of %s variables for %d bytes of weights.",
+                 final_path, stored, precision, weights)
+    return ExportedModel(
+        path=final_path, version=version, image_size=image_size, num_classes=num_classes,
+        top_k=top_k, weight_bytes=weights, variables_bytes=stored,
+        max_image_pixels=max_image_pixels, precision=precision, warmup_requests=len(logs))
 
+
+def _write_version(model, export_dir, final_path, logs, *, precision, verify,
+                   **archive_options):
+    """Writes the SavedModel and its warmup file to a temporary directory of `export_dir`,
+    checks them and renames it to `final_path`; (variables bytes, weight bytes)."""
     os.makedirs(export_dir, exist_ok=True)
     remove_stale_exports(export_dir)
     temp_path = tempfile.mkdtemp(prefix=_temp_prefix(), dir=export_dir)
     try:
-        _write_saved_model(model, temp_path, class_names, top_k, central_crop_fraction,
-                           max_image_pixels)
+        _write_saved_model(model, temp_path, **archive_options)
+        if logs:
+            warmup.write_warmup_file(temp_path, logs)
         stored, weights = _check_variables_stored_once(model, temp_path)
+        if precision == "bfloat16":
+            precision_lib.check_no_weight_casts(temp_path)
+        if verify is not None:
+            verify(temp_path)
         _apply_umask(temp_path)
         _publish(temp_path, final_path)
     except BaseException:
         shutil.rmtree(temp_path, ignore_errors=True)
         raise
-    logging.info("Exported %s: %d bytes of variables for %d bytes of weights.",
-                 final_path, stored, weights)
-    return ExportedModel(
-        path=final_path,
-        version=version,
-        image_size=_square_image_size(model),
-        num_classes=num_classes,
-        top_k=top_k,
-        weight_bytes=weights,
-        variables_bytes=stored,
-        max_image_pixels=max_image_pixels,
-    )
+    return stored, weights
 
 
 def _require_tensorflow_backend():
@@ -499,7 +649,7 @@ def _apply_umask(path: str):
             os.chmod(os.path.join(root, name), file_mode)
 
 
-def _write_saved_model(model, path, class_names, top_k, central_crop_fraction,
+def _write_saved_model(model, path, *, class_names, top_k, central_crop_fraction,
                        max_image_pixels):
     """Writes the archive of `build_archive` to `path`, the class names as its asset."""
     with tempfile.TemporaryDirectory() as names_dir:
