@@ -1,13 +1,22 @@
-r"""Exports a trained classifier for TensorFlow Serving: EXPORT_DIR/<version>/ SavedModel.
+r"""Exports a trained classifier: a TF Serving SavedModel, or a LiteRT, ONNX or OpenVINO file.
 
     python tools/export.py --model_dir=/tmp/vit_digits --export_dir=/models/vit
-    python tools/export.py --checkpoint=ViT-B_16.npz --num_classes=1000 \
-        --class_names=imagenet_classes.txt --export_dir=/models/vit --version=7 --top_k=5
+    python tools/export.py --checkpoint=augreg_B/16_i21k_ft_i1k --export_dir=/models/vit \
+        --precision=bfloat16 --warmup_batch_sizes=1,8
+    python tools/export.py --model_dir=/tmp/run --format=onnx --output=/out/vit.onnx
+    python tools/export.py --model_dir=/tmp/run --format=litert --precision=int8_full \
+        --calibration_data=/data/in1k --output=/out/vit.tflite
+    python tools/export.py --verify=/models/vit/3          # re-check an export, anywhere
 
-Signatures `serving_default` (image_bytes: encoded images) and `predict_pixels` (images:
-float32 pixels in [0, 255]); see docs/serving.md for serving and querying it.
+A SavedModel goes to EXPORT_DIR/<version>/ with the signatures serving_default (encoded
+images), predict_pixels (float32 [0, 255] pixels), predict_tf_example and predict_image_tensor,
+and TF Serving's warmup requests; the other formats take float32 `images` (batch, S, S, 3) in
+[0, 255]. Every export is run in its own runtime on a probe batch before it is published, and
+refused beyond its precision's bound; its manifest (keras_vit_export.json) is published with it
+(docs/serving.md).
 """
 
+import dataclasses
 import json
 import os
 
@@ -15,15 +24,36 @@ from absl import app, flags, logging
 
 import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-up)
 import keras_vit
-from keras_vit import serving
-from keras_vit import cli
+from keras_vit import cli, serving
 from keras_vit.serving import export as export_lib
+from keras_vit.serving import manifest, verified
 
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Training model directory (model.keras, class_names.json).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, cli.CHECKPOINT_HELP)
+_FORMAT = flags.DEFINE_enum("format", "saved_model", list(verified.FORMATS), "What to export.")
 _EXPORT_DIR = flags.DEFINE_string(
-    "export_dir", None, "Model base path TF Serving watches; versions go below it.", required=True)
+    "export_dir", None, "saved_model: the base path TF Serving watches; versions go below it.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "litert, onnx, openvino: the file to write (.tflite, .onnx, .xml + .bin).")
+_PRECISION = flags.DEFINE_enum(
+    "precision", "float32", ["float32", "bfloat16", "float16", "int8", "int8_full"],
+    "saved_model: float32|bfloat16; litert: float32|float16|int8 (dynamic range)|int8_full "
+    "(calibrated); onnx: float32|int8; openvino: float32|bfloat16|int8 (calibrated, NNCF).")
+_CALIBRATION_DATA = flags.DEFINE_string(
+    "calibration_data", None, "Calibrated int8: TFRecords or a tfds name, read through the eval "
+    "pipeline.")
+_CALIBRATION_SPLIT = flags.DEFINE_string("calibration_split", "train", "Its split.")
+_CALIBRATION_EXAMPLES = flags.DEFINE_integer(
+    "calibration_examples", 64, "Images to calibrate on.", lower_bound=1)
+_WARMUP_BATCH_SIZES = flags.DEFINE_list(
+    "warmup_batch_sizes", ["1", "8"], "saved_model: batch sizes of TF Serving's warmup requests "
+    "(one per signature each); empty for none.")
+_PROBE_IMAGES = flags.DEFINE_list(
+    "probe_images", [], "Image files the export is verified on (default: scikit-learn's digits).")
+_VERIFY = flags.DEFINE_string(
+    "verify", None, "Only re-run the check of this export (a SavedModel version directory or a "
+    "file) against the manifest beside it.")
 _VERSION = flags.DEFINE_integer("version", None, "Version number. Default: the next free one.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Best classes returned per image.")
 _CLASS_NAMES = flags.DEFINE_string(
@@ -46,40 +76,84 @@ _ALLOW_NON_FINITE = flags.DEFINE_bool(
 
 def main(argv):
     del argv
+    if _VERIFY.value:
+        print(json.dumps(verified.verify_export(_VERIFY.value)))
+        return
+    source = _source()
+    model, class_names = keras_vit.load_classifier(
+        source, image_size=_IMAGE_SIZE.value, num_classes=_NUM_CLASSES.value,
+        class_names_path=_CLASS_NAMES.value, allow_non_finite=_ALLOW_NON_FINITE.value)
+    verified.check_format(_FORMAT.value, _PRECISION.value)
+    if _FORMAT.value == "saved_model":
+        if class_names is None:
+            logging.warning("No class names found for %s: labels will be class_0, ...", source)
+        exported, record = verified.export_verified(
+            model, "saved_model", export_dir=_EXPORT_DIR.value, **_common(model, source),
+            class_names=class_names, version=_VERSION.value,
+            central_crop_fraction=_CENTRAL_CROP_FRACTION.value,
+            max_image_pixels=_MAX_IMAGE_PIXELS.value or None,
+            warmup_batch_sizes=tuple(int(size) for size in _WARMUP_BATCH_SIZES.value))
+        path, summary = exported.path, {**dataclasses.asdict(exported),
+                                        "signatures": list(serving.SIGNATURES)}
+        del summary["path"]
+    else:
+        path, record = verified.export_verified(
+            model, _FORMAT.value, output=_OUTPUT.value, **_common(model, source),
+            calibration_images=_calibration_images(model))
+        summary = {"precision": _PRECISION.value}
+    print(json.dumps({"export_path": path, "format": _FORMAT.value, **summary,
+                      "manifest": verified.manifest_path(path),
+                      "verification": record["verification"], "bytes": _size(path)}))
+
+
+def _source():
+    """--model_dir or --checkpoint, and the output flag the format needs, checked."""
     if bool(_MODEL_DIR.value) == bool(_CHECKPOINT.value):
-        raise app.UsageError("Pass exactly one of --model_dir or --checkpoint.")
-    source = _MODEL_DIR.value or _CHECKPOINT.value
+        raise app.UsageError("Pass exactly one of --model_dir or --checkpoint (or --verify).")
     if _MODEL_DIR.value and not os.path.isdir(_MODEL_DIR.value):
         raise keras_vit.MissingFileError(f"--model_dir={_MODEL_DIR.value} is not a directory.")
-    model, class_names = keras_vit.load_classifier(
-        source,
-        image_size=_IMAGE_SIZE.value,
-        num_classes=_NUM_CLASSES.value,
-        class_names_path=_CLASS_NAMES.value,
-        allow_non_finite=_ALLOW_NON_FINITE.value,
-    )
-    if class_names is None:
-        logging.warning("No class names found for %s: labels will be class_0, class_1, ...", source)
-    exported = serving.export_classifier(
-        model,
-        _EXPORT_DIR.value,
-        class_names=class_names,
-        version=_VERSION.value,
-        top_k=_TOP_K.value,
-        central_crop_fraction=_CENTRAL_CROP_FRACTION.value,
-        max_image_pixels=_MAX_IMAGE_PIXELS.value or None,
-    )
-    print(json.dumps({
-        "export_path": exported.path,
-        "version": exported.version,
-        "signatures": [serving.SERVING_SIGNATURE, serving.PIXELS_SIGNATURE],
-        "image_size": exported.image_size,
-        "num_classes": exported.num_classes,
-        "top_k": exported.top_k,
-        "max_image_pixels": exported.max_image_pixels,
-        "weight_bytes": exported.weight_bytes,
-        "variables_bytes": exported.variables_bytes,
-    }))
+    needed, other = ((_EXPORT_DIR, _OUTPUT) if _FORMAT.value == "saved_model"
+                     else (_OUTPUT, _EXPORT_DIR))
+    if not needed.value or other.value:
+        raise app.UsageError(f"--format={_FORMAT.value} writes to --{needed.name}, not "
+                             f"--{other.name}.")
+    return _MODEL_DIR.value or _CHECKPOINT.value
+
+
+def _common(model, source):
+    probe = None
+    if _PROBE_IMAGES.value:
+        probe = manifest.probe_images(int(model.input_shape[1]), _PROBE_IMAGES.value)
+    return dict(precision=_PRECISION.value, source=source, probe_images=probe,
+                top_k=_TOP_K.value)
+
+
+def _calibration_images(model):
+    """--calibration_data's first --calibration_examples images, float32 (n, S, S, 3)."""
+    if _PRECISION.value not in ("int8_full",) and not (
+            _FORMAT.value == "openvino" and _PRECISION.value == "int8"):
+        return None
+    if not _CALIBRATION_DATA.value:
+        raise app.UsageError(f"--format={_FORMAT.value} --precision={_PRECISION.value} is "
+                             "calibrated: pass --calibration_data.")
+    import numpy as np
+
+    import pipelines
+
+    dataset = pipelines.build_dataset(
+        _CALIBRATION_DATA.value, split=_CALIBRATION_SPLIT.value,
+        image_size=int(model.input_shape[1]), batch_size=_CALIBRATION_EXAMPLES.value,
+        training=False)  # the images only: the labels may be of another task
+    images, _ = next(iter(dataset))
+    return np.asarray(images, np.float32)
+
+
+def _size(path):
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(root, name))
+                   for root, _, names in os.walk(path) for name in names)
+    return os.path.getsize(path) + (os.path.getsize(path[:-4] + ".bin")
+                                    if path.endswith(".xml") else 0)
 
 
 def run():

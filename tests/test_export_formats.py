@@ -1,0 +1,103 @@
+"""tools/export.py in every format: verified in its runtime before it is published.
+
+Truths: the float32 Keras model's probabilities, recorded in the manifest and compared by a
+fresh process running each export in its own runtime; an export whose check fails leaves
+nothing behind.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_vit.serving import manifest, verified
+from serving_helpers import tiny_classifier
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (format, precision, output name or None for a SavedModel)
+EXPORTS = [("saved_model", "float32", None), ("saved_model", "bfloat16", None),
+           ("litert", "float32", "m.tflite"), ("litert", "float16", "m16.tflite"),
+           ("onnx", "float32", "m.onnx"), ("openvino", "float32", "m.xml"),
+           ("openvino", "bfloat16", "mb.xml")]
+
+
+def _tool(*flags):
+    return subprocess.run([sys.executable, os.path.join(REPO, "tools", "export.py"), *flags],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("export_format,precision,output", EXPORTS,
+                         ids=[f"{f}-{p}" for f, p, _ in EXPORTS])
+def test_tool_exports_verifies_and_rechecks(tmp_path, export_format, precision, output):
+    pytest.importorskip({"saved_model": "tensorflow", "litert": "ai_edge_litert",
+                         "onnx": "onnxruntime", "openvino": "openvino"}[export_format])
+    tiny_classifier(tmp_path)
+    target = ([f"--export_dir={tmp_path / 'export'}"] if output is None
+              else [f"--output={tmp_path / output}"])
+    result = _tool(f"--checkpoint={tmp_path / 'tiny.npz'}", f"--format={export_format}",
+                   f"--precision={precision}", *target)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    check = summary["verification"]
+    assert check["max_abs_difference"] <= manifest.BOUNDS[precision]
+    assert check["top1_agreement"] == 1.0
+    record = manifest.read_manifest(summary["manifest"])
+    assert record["format"] == export_format and record["precision"] == precision
+    assert record["source_sha256"] == manifest.file_sha256(str(tmp_path / "tiny.npz"))
+    again = _tool(f"--verify={summary['export_path']}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == check
+
+
+@pytest.mark.parametrize("export_format,output", [("saved_model", None), ("onnx", "m.onnx")])
+def test_an_export_that_fails_its_check_is_not_published(tmp_path, monkeypatch,
+                                                         export_format, output):
+    pytest.importorskip("onnxruntime")
+    model = tiny_classifier(tmp_path)
+    monkeypatch.setitem(manifest.BOUNDS, "float32", -1.0)  # no export can meet it
+    where = (dict(export_dir=str(tmp_path / "export")) if output is None
+             else dict(output=str(tmp_path / output)))
+    with pytest.raises(manifest.VerificationError, match="it is not published"):
+        verified.export_verified(model, export_format, **where)
+    left = sorted(os.listdir(tmp_path))
+    assert left == ["tiny.npz"] or (left == ["export", "tiny.npz"]
+                                    and os.listdir(tmp_path / "export") == []), left
+
+
+def test_formats_and_precisions_are_checked_before_anything_is_written(tmp_path):
+    tiny_classifier(tmp_path)
+    result = _tool(f"--checkpoint={tmp_path / 'tiny.npz'}", "--format=onnx",
+                   "--precision=bfloat16", f"--output={tmp_path / 'm.onnx'}")
+    assert result.returncode == 2
+    assert "onnx exports offer the precisions float32, int8, not 'bfloat16'" in result.stderr
+    result = _tool(f"--checkpoint={tmp_path / 'tiny.npz'}", "--format=onnx",
+                   f"--export_dir={tmp_path / 'x'}")
+    assert result.returncode == 1 and "--format=onnx writes to --output" in result.stderr
+    assert not np.any([name.endswith(".onnx") for name in os.listdir(tmp_path)])
+
+
+@pytest.mark.slow
+def test_calibrated_int8_is_calibrated_on_data_and_refused_beyond_its_bound(tmp_path):
+    """Full-integer LiteRT of the random test model, calibrated on the digits: its
+    probabilities move by about 0.3 on the probe batch, beyond int8's 0.1, so nothing is
+    published and the error says by how much."""
+    pytest.importorskip("ai_edge_litert")
+    from tests.train_helpers import convert_digits
+
+    tiny_classifier(tmp_path)
+    data = convert_digits(tmp_path / "digits")
+    flags = [f"--checkpoint={tmp_path / 'tiny.npz'}", "--format=litert",
+             "--precision=int8_full", f"--output={tmp_path / 'm.tflite'}"]
+    missing = _tool(*flags)
+    assert missing.returncode == 1 and "pass --calibration_data" in missing.stderr
+    result = _tool(*flags, f"--calibration_data={data}", "--calibration_examples=32")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{tmp_path / 'm.tflite'} (litert, int8_full) differs from the float32" in result.stderr
+    assert "it is not published" in result.stderr
+    assert not os.path.exists(tmp_path / "m.tflite")
+    assert not os.path.exists(tmp_path / "m.tflite.keras_vit_export.json")
