@@ -101,3 +101,14 @@ def test_calibrated_int8_is_calibrated_on_data_and_refused_beyond_its_bound(tmp_
     assert "it is not published" in result.stderr
     assert not os.path.exists(tmp_path / "m.tflite")
     assert not os.path.exists(tmp_path / "m.tflite.keras_vit_export.json")
+
+
+def test_an_export_onto_an_existing_file_keeps_it_and_its_manifest(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = tiny_classifier(tmp_path)
+    output = str(tmp_path / "m.onnx")
+    verified.export_verified(model, "onnx", output=output)
+    before = (open(output, "rb").read(), open(verified.manifest_path(output)).read())
+    with pytest.raises(Exception, match="already exists"):
+        verified.export_verified(model, "onnx", output=output)
+    assert (open(output, "rb").read(), open(verified.manifest_path(output)).read()) == before

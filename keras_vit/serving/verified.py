@@ -73,7 +73,8 @@ def export_verified(model, export_format, *, precision="float32", source=None,
     record = manifest_lib.build_manifest(
         model, np.asarray(images, np.float32), source=source, export_format=export_format,
         precision=precision, preprocessing=_preprocessing(model, saved_model_options))
-    check = _checker(record, final=None if export_format == "saved_model" else output)
+    written = []  # the manifest, once the check wrote it: removed if publishing then fails
+    check = _checker(record, None if export_format == "saved_model" else output, written)
     if export_format == "saved_model":
         exported = export_lib.export_classifier(
             model, export_dir, precision=precision, top_k=top_k, verify=check,
@@ -86,17 +87,21 @@ def export_verified(model, export_format, *, precision="float32", source=None,
             model, output, precision=precision, top_k=top_k, verify=check,
             **({} if export_format == "onnx" else {"calibration_images": calibration_images}))
     except BaseException:
-        _remove(manifest_path(output))
+        for manifest_file in written:
+            _remove(manifest_file)
         raise
     return path, record
 
 
-def _checker(record, final):
+def _checker(record, final, written):
     """The `verify` hook: runs the temporary export, then writes the manifest where it will be
-    published (into the SavedModel's temporary directory, or beside the final file)."""
+    published (into the SavedModel's temporary directory, or beside the final file, whose
+    path goes into `written`)."""
     def check(temporary):
         record["verification"] = manifest_lib.verify(temporary, record, name=final)
-        manifest_lib.write_manifest(record, manifest_path(final or temporary))
+        path = manifest_lib.write_manifest(record, manifest_path(final or temporary))
+        if final:
+            written.append(path)
 
     return check
 
