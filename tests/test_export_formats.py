@@ -112,3 +112,26 @@ def test_an_export_onto_an_existing_file_keeps_it_and_its_manifest(tmp_path):
     with pytest.raises(Exception, match="already exists"):
         verified.export_verified(model, "onnx", output=output)
     assert (open(output, "rb").read(), open(verified.manifest_path(output)).read()) == before
+
+
+def test_a_model_trained_in_mixed_bfloat16_is_exported_and_checked_in_float32(tmp_path):
+    """The reference of a float32 export is the float32 model, not the bfloat16 one it was
+    trained as: else the check would compare the export with itself."""
+    pytest.importorskip("onnxruntime")
+    import keras
+
+    import keras_vit
+
+    tiny_classifier(tmp_path)
+    float32 = keras_vit.from_npz(str(tmp_path / "tiny.npz"))
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        mixed = keras_vit.from_npz(str(tmp_path / "tiny.npz"))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    images = manifest.probe_images(16)
+    _, record = verified.export_verified(mixed, "onnx", output=str(tmp_path / "m.onnx"))
+    expected = manifest.softmax(float32.predict(images, verbose=0))
+    np.testing.assert_allclose(record["reference_probabilities"], expected, atol=1e-6)
+    assert np.abs(manifest.softmax(mixed.predict(images, verbose=0)) - expected).max() > 1e-5
+    assert record["verification"]["max_abs_difference"] < 1e-4

@@ -254,9 +254,12 @@ def test_bfloat16_graph_casts_no_weight(bfloat16_export, tmp_path):
                                        image_size=IMAGE_SIZE, num_classes=3)
     finally:
         keras.config.set_dtype_policy(previous)
-    mixed_export = serving.export_classifier(mixed, str(tmp_path), warmup_batch_sizes=())
-    casts = serving.weight_casts(mixed_export.path)
+    # Keras's own export keeps the policy (export_classifier would export a float32 copy).
+    mixed.export(str(tmp_path / "mixed"), format="tf_saved_model", verbose=False)
+    casts = serving.weight_casts(str(tmp_path / "mixed"))
     assert len(casts) >= 10, casts
+    float32_export = serving.export_classifier(mixed, str(tmp_path / "f32"), warmup_batch_sizes=())
+    assert serving.weight_casts(float32_export.path) == []
 
 
 @pytest.mark.slow

@@ -80,10 +80,10 @@ def main(argv):
         print(json.dumps(verified.verify_export(_VERIFY.value)))
         return
     source = _source()
+    verified.check_format(_FORMAT.value, _PRECISION.value)
     model, class_names = keras_vit.load_classifier(
         source, image_size=_IMAGE_SIZE.value, num_classes=_NUM_CLASSES.value,
         class_names_path=_CLASS_NAMES.value, allow_non_finite=_ALLOW_NON_FINITE.value)
-    verified.check_format(_FORMAT.value, _PRECISION.value)
     if _FORMAT.value == "saved_model":
         if class_names is None:
             logging.warning("No class names found for %s: labels will be class_0, ...", source)
@@ -124,8 +124,18 @@ def _common(model, source):
     probe = None
     if _PROBE_IMAGES.value:
         probe = manifest.probe_images(int(model.input_shape[1]), _PROBE_IMAGES.value)
-    return dict(precision=_PRECISION.value, source=source, probe_images=probe,
+    return dict(precision=_PRECISION.value, source=_file_read(source), probe_images=probe,
                 top_k=_TOP_K.value)
+
+
+def _file_read(source):
+    """The file or folder the model was read from, for the manifest's sha256: a model
+    directory's model.keras, a registry name's cached download."""
+    from keras_vit import loading, sources
+
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, loading.MODEL_FILENAME)):
+        return os.path.join(source, loading.MODEL_FILENAME)
+    return sources.local_path(source)
 
 
 def _calibration_images(model):

@@ -445,7 +445,8 @@ def export_classifier(
         top_k: best classes returned per image; capped at the number of classes.
         central_crop_fraction: see `build_archive`.
         max_image_pixels: see `build_archive`; default 40 megapixels, None for no cap.
-        precision: "float32": the model as it is (its own dtype policy); "bfloat16": weights
+        precision: "float32": the model in float32 (a float32 copy of one trained under
+            mixed_bfloat16, `precision.float32_model`); "bfloat16": weights
             stored in bfloat16 and computed in bfloat16 with no per-call weight casts
             (`precision.bfloat16_model`); the outputs are float32 either way.
         warmup_batch_sizes: batch sizes of the warmup requests, one per signature each, in

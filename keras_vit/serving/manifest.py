@@ -201,10 +201,15 @@ def _run_in_fresh_process(export_path, export_format, images):
         images_path = os.path.join(scratch, "images.npy")
         output_path = os.path.join(scratch, "probabilities.npy")
         np.save(images_path, images)
+        # The repository root on the path: run_exported imports `pipelines.errors`, found so
+        # even where the project is used from a checkout rather than installed.
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [root, os.environ.get("PYTHONPATH")])))
         result = subprocess.run(
             [sys.executable, "-c", _RUNNER, export_path, images_path, output_path, export_format,
              os.path.join(os.path.dirname(__file__), "run_exported.py")],
-            capture_output=True, text=True, timeout=_VERIFY_TIMEOUT_S)
+            capture_output=True, text=True, timeout=_VERIFY_TIMEOUT_S, env=environment)
         if result.returncode != 0:
             raise VerificationError(
                 f"{export_path} could not be run in its runtime ({export_format}):\n"

@@ -104,16 +104,34 @@ def _check_weight_dtypes(copy, output_layers, error_class):
                 f"{expected}: its layer does not take the bfloat16 policy; export in float32.")
 
 
+def float32_model(model: keras.Model) -> keras.Model:
+    """`model` itself if it computes in float32, else a float32 copy of it (a model trained
+    under mixed_bfloat16 computes in bfloat16): the reference every export is checked against."""
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in model.layers):
+        return model
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        copy = keras.models.clone_model(
+            model, clone_function=lambda layer: layer.__class__.from_config(
+                {**layer.get_config(), "dtype": "float32"}))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    for source, target in zip(model.weights, copy.weights):
+        target.assign(keras.ops.cast(source.value, "float32"))
+    return copy
+
+
 def model_in_precision(model, precision):
-    """`model` itself for "float32", its bfloat16 copy for "bfloat16"; an ExportError for
-    another precision."""
+    """`model` in float32 (`float32_model`) for "float32", its bfloat16 copy for "bfloat16";
+    an ExportError for another precision."""
     from keras_vit.serving.export import ExportError  # export imports this module
 
     if precision not in PRECISIONS:
         raise ExportError(
             f"precision must be one of {', '.join(PRECISIONS)} for a SavedModel, "
             f"got {precision!r}. (float16 and int8 are LiteRT and OpenVINO exports.)")
-    return model if precision == "float32" else bfloat16_model(model)
+    return float32_model(model) if precision == "float32" else bfloat16_model(model)
 
 
 def check_no_weight_casts(saved_model_dir):

@@ -18,6 +18,7 @@ import numpy as np
 from keras_vit.inference import eval_crop_fraction
 from keras_vit.serving import export as export_lib
 from keras_vit.serving import manifest as manifest_lib
+from keras_vit.serving import precision as precision_lib
 from keras_vit.serving import runtimes
 from pipelines.errors import UserError
 
@@ -68,13 +69,14 @@ def export_verified(model, export_format, *, precision="float32", source=None,
             precision's bound; nothing is published.
     """
     check_format(export_format, precision)
+    model = precision_lib.float32_model(model)  # the reference, and what is exported
     image_size = int(model.input_shape[1])
     images = manifest_lib.probe_images(image_size) if probe_images is None else probe_images
     record = manifest_lib.build_manifest(
         model, np.asarray(images, np.float32), source=source, export_format=export_format,
         precision=precision, preprocessing=_preprocessing(model, saved_model_options))
-    written = []  # the manifest, once the check wrote it: removed if publishing then fails
-    check = _checker(record, None if export_format == "saved_model" else output, written)
+    pending = []  # a file's manifest, written by the check, published after the file
+    check = _checker(record, None if export_format == "saved_model" else output, pending)
     if export_format == "saved_model":
         exported = export_lib.export_classifier(
             model, export_dir, precision=precision, top_k=top_k, verify=check,
@@ -87,21 +89,27 @@ def export_verified(model, export_format, *, precision="float32", source=None,
             model, output, precision=precision, top_k=top_k, verify=check,
             **({} if export_format == "onnx" else {"calibration_images": calibration_images}))
     except BaseException:
-        for manifest_file in written:
+        for manifest_file in pending:
             _remove(manifest_file)
         raise
+    for manifest_file in pending:  # the file is published: now its manifest
+        os.replace(manifest_file, manifest_path(path))
     return path, record
 
 
-def _checker(record, final, written):
-    """The `verify` hook: runs the temporary export, then writes the manifest where it will be
-    published (into the SavedModel's temporary directory, or beside the final file, whose
-    path goes into `written`)."""
+def _checker(record, final, pending):
+    """The `verify` hook: runs the temporary export, then writes the manifest: into the
+    SavedModel's temporary directory (published with it), or for a file to a hidden name
+    beside it (appended to `pending`; renamed once the file is published, so a kill in between
+    leaves no manifest without its file)."""
     def check(temporary):
         record["verification"] = manifest_lib.verify(temporary, record, name=final)
-        path = manifest_lib.write_manifest(record, manifest_path(final or temporary))
-        if final:
-            written.append(path)
+        if final is None:
+            manifest_lib.write_manifest(record, manifest_path(temporary))
+            return
+        directory, name = os.path.split(manifest_path(os.path.abspath(final)))
+        pending.append(manifest_lib.write_manifest(
+            record, os.path.join(directory, f".{name}.{os.getpid()}.pending")))
 
     return check
 
