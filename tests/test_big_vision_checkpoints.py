@@ -14,7 +14,8 @@ import keras_vit
 from big_vision_layout import bfloat16_rounded, posemb_sincos_2d, to_big_vision, write_big_vision
 from keras_vit.checkpoints import CheckpointError, load_npz
 from keras_vit.formats.big_vision import convert_big_vision, is_big_vision, read_big_vision
-from vit_reference import forward, random_checkpoint, relative_error
+from vit_reference import (assert_same_arrays, forward, random_checkpoint, random_images,
+                            relative_error)
 
 TINY = dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
 POSEMB = "Transformer/posembed_input/pos_embedding"
@@ -30,14 +31,7 @@ def _canonical(pooling="token", **kwargs):
 
 
 def _images(batch=2, size=16, seed=1):
-    return np.random.default_rng(seed).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
-
-
-def _assert_arrays_equal(actual, expected):
-    assert sorted(actual) == sorted(expected)
-    for key, value in expected.items():
-        assert actual[key].dtype == np.float32, key
-        np.testing.assert_array_equal(actual[key], value, err_msg=key)
+    return random_images(batch, size, seed)
 
 
 @pytest.mark.parametrize("pooling", ["token", "gap", "map"])
@@ -49,7 +43,7 @@ def test_layouts_read_back_exactly(tmp_path, pooling, scan, prefix):
     stored = load_npz(path)
     assert is_big_vision(stored)
     converted = convert_big_vision(stored, path)
-    _assert_arrays_equal(converted.arrays, arrays)
+    assert_same_arrays(converted.arrays, arrays)
     assert converted.format == "big_vision" and converted.source == path
     assert converted.options == {**BIG_VISION_OPTIONS, "pooling": pooling, "image_size": 16}
 
@@ -70,7 +64,7 @@ def test_bfloat16_is_read_as_its_float32_values(tmp_path, scan):
     path = write_big_vision(tmp_path / "bf16.npz", arrays, bfloat16=True, scan=scan)
     stored = load_npz(path)
     assert stored["params/embedding/kernel"].dtype == np.dtype("V2")  # as np.savez stores it
-    _assert_arrays_equal(read_big_vision(path).arrays, bfloat16_rounded(arrays))
+    assert_same_arrays(read_big_vision(path).arrays, bfloat16_rounded(arrays))
 
 
 def test_subtrees_beside_the_model_are_ignored():
@@ -80,7 +74,7 @@ def test_subtrees_beside_the_model_are_ignored():
     stored["params/txt/Encoder_0/encoder_norm/scale"] = np.ones(8, np.float32)
     stored["params/t"] = np.ones(1, np.float32)
     stored["opt/1/0/mu/img/embedding/kernel"] = np.zeros((4, 4, 3, 32), np.float32)
-    _assert_arrays_equal(convert_big_vision(stored, "siglip.npz").arrays, arrays)
+    assert_same_arrays(convert_big_vision(stored, "siglip.npz").arrays, arrays)
 
 
 def test_sincos_position_embedding_is_computed_for_image_size(tmp_path):
@@ -92,7 +86,7 @@ def test_sincos_position_embedding_is_computed_for_image_size(tmp_path):
     expected = {**arrays, POSEMB: posemb_sincos_2d(6, 4, 32)}
     np.testing.assert_allclose(converted.arrays[POSEMB], expected[POSEMB], rtol=0, atol=1e-6)
     converted.arrays[POSEMB] = expected[POSEMB]
-    _assert_arrays_equal(converted.arrays, expected)
+    assert_same_arrays(converted.arrays, expected)
     assert converted.options["image_size"] == (24, 16)
 
 
@@ -104,7 +98,7 @@ def test_old_position_embedding_with_class_position_is_folded_into_cls():
     converted = convert_big_vision(stored, "old.npz")
     position = arrays[POSEMB]
     expected = {**arrays, "cls": arrays["cls"] + position[:, :1], POSEMB: position[:, 1:]}
-    _assert_arrays_equal(converted.arrays, expected)
+    assert_same_arrays(converted.arrays, expected)
     assert converted.options["position_embedding_prefix"] is False
 
 
@@ -116,7 +110,7 @@ def test_inlined_map_head_and_old_posemb_location():
     for key in [k for k in stored if k.startswith("MAPHead_0/")]:
         stored[key[len("MAPHead_0/"):]] = stored.pop(key)
     assert is_big_vision(stored)
-    _assert_arrays_equal(convert_big_vision(stored, "vit_g.npz").arrays, arrays)
+    assert_same_arrays(convert_big_vision(stored, "vit_g.npz").arrays, arrays)
 
 
 def test_very_old_position_embedding_location_with_linen_names():
@@ -125,7 +119,7 @@ def test_very_old_position_embedding_location_with_linen_names():
     stored = to_big_vision(arrays, prefix="")
     stored[POSEMB] = stored.pop("pos_embedding")
     assert is_big_vision(stored)
-    _assert_arrays_equal(convert_big_vision(stored, "old.npz").arrays, arrays)
+    assert_same_arrays(convert_big_vision(stored, "old.npz").arrays, arrays)
 
 
 def test_google_and_keras_vit_layouts_are_not_claimed():

@@ -5,7 +5,7 @@ import pytest
 
 import keras_vit
 from pipelines.errors import MissingFileError, UserError
-from vit_reference import forward, random_checkpoint, relative_error
+from vit_reference import forward, random_checkpoint, random_images, relative_error
 
 TINY = dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
 
@@ -17,7 +17,7 @@ def _write(tmp_path, arrays, name="ckpt.npz"):
 
 
 def _images(batch, size, seed=1):
-    return np.random.default_rng(seed).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+    return random_images(batch, size, seed)
 
 
 @pytest.mark.parametrize(

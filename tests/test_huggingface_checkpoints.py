@@ -18,7 +18,8 @@ import keras_vit
 from huggingface_layout import hf_config, hf_forward, to_huggingface, write_folder
 from keras_vit.checkpoints import CheckpointError, CheckpointNotFoundError
 from keras_vit.formats.huggingface import is_huggingface_folder, read_huggingface
-from vit_reference import forward, random_checkpoint, relative_error
+from vit_reference import (assert_same_arrays, forward, random_checkpoint, random_images,
+                            relative_error)
 
 TINY = dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
 HEADS = TINY["num_heads"]
@@ -29,14 +30,7 @@ def _arrays(**kwargs):
 
 
 def _images(batch, size=16, seed=1):
-    return np.random.default_rng(seed).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
-
-
-def _assert_same_arrays(actual, expected):
-    assert sorted(actual) == sorted(expected)
-    for key, value in expected.items():
-        assert actual[key].dtype == np.float32, key
-        np.testing.assert_array_equal(actual[key], value, err_msg=key)
+    return random_images(batch, size, seed)
 
 
 def _rewrite_json(path, **changes):
@@ -94,7 +88,7 @@ def test_classification_model_reads_as_canonical_arrays(tmp_path):
     assert is_huggingface_folder(folder)
     checkpoint = read_huggingface(folder)
     assert checkpoint.format == "huggingface" and checkpoint.source == str(folder)
-    _assert_same_arrays(checkpoint.arrays, arrays)
+    assert_same_arrays(checkpoint.arrays, arrays)
     assert checkpoint.options == {
         "approximate_gelu": False, "layer_norm_epsilon": 1e-12,
         "input_mean": pytest.approx((0.5,) * 3), "input_std": pytest.approx((0.5,) * 3),
@@ -107,7 +101,7 @@ def test_base_model_with_pooler_reads_pre_logits_and_no_head(tmp_path):
     arrays = _arrays(representation_size=32)
     folder = write_folder(tmp_path / "vit", arrays, num_heads=HEADS, base_model=True)
     expected = {k: v for k, v in arrays.items() if not k.startswith("head/")}
-    _assert_same_arrays(read_huggingface(folder).arrays, expected)
+    assert_same_arrays(read_huggingface(folder).arrays, expected)
 
 
 def test_base_model_without_pooler_reads_backbone_only(tmp_path):
@@ -115,7 +109,7 @@ def test_base_model_without_pooler_reads_backbone_only(tmp_path):
     folder = write_folder(tmp_path / "vit", arrays, num_heads=HEADS, base_model=True)
     expected = {k: v for k, v in arrays.items() if not k.startswith("head/")}
     checkpoint = read_huggingface(folder)
-    _assert_same_arrays(checkpoint.arrays, expected)
+    assert_same_arrays(checkpoint.arrays, expected)
     assert checkpoint.class_names is None
 
 
@@ -128,14 +122,14 @@ def test_pooler_beside_a_classifier_is_dropped(tmp_path):
     state["vit.pooler.dense.bias"] = np.ones((32,), np.float32)
     from safetensors.numpy import save_file
     save_file(state, os.path.join(folder, "model.safetensors"))
-    _assert_same_arrays(read_huggingface(folder).arrays, arrays)
+    assert_same_arrays(read_huggingface(folder).arrays, arrays)
 
 
 def test_sharded_and_half_precision_folders(tmp_path):
     arrays = _arrays()
     folder = write_folder(tmp_path / "sharded", arrays, num_heads=HEADS, shards=3)
     assert not os.path.exists(os.path.join(folder, "model.safetensors"))
-    _assert_same_arrays(read_huggingface(folder).arrays, arrays)
+    assert_same_arrays(read_huggingface(folder).arrays, arrays)
     half = read_huggingface(write_folder(tmp_path / "half", arrays, num_heads=HEADS,
                                          dtype=np.float16)).arrays
     for key, value in arrays.items():

@@ -34,7 +34,7 @@ CASES = [
 
 
 def _images(seed=1, size=16):
-    return np.random.default_rng(seed).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    return vit_reference.random_images(2, size, seed)
 
 
 @pytest.mark.parametrize("name,layout,options", CASES, ids=[case[0] for case in CASES])

@@ -8,13 +8,13 @@ import pytest
 
 import keras_vit
 from keras_vit import CheckpointError, MissingFileError
-from vit_reference import forward, random_checkpoint, relative_error
+from vit_reference import forward, random_checkpoint, random_images, relative_error
 
 TINY = dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
 
 
 def _images(size=16):
-    return np.random.default_rng(3).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    return random_images(2, size, 3)
 
 
 def test_a_google_npz_under_any_name_loads_as_from_npz_does(tmp_path):

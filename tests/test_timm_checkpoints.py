@@ -89,20 +89,13 @@ def _write_case(directory, case, *, label_names=None, **config_changes):
     return arrays
 
 
-def _assert_same_arrays(actual, expected):
-    assert sorted(actual) == sorted(expected)
-    for key, value in expected.items():
-        assert actual[key].dtype == np.float32, key
-        np.testing.assert_array_equal(actual[key], value, err_msg=key)
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_hub_folder_reads_into_the_canonical_arrays(tmp_path, name):
     case = CASES[name]
     arrays = _write_case(tmp_path, case)
     assert timm.is_timm_folder(str(tmp_path))
     converted = timm.read_timm(tmp_path)
-    _assert_same_arrays(converted.arrays, arrays)
+    vit_reference.assert_same_arrays(converted.arrays, arrays)
     assert converted.format == "timm"
     for key, value in case["options"].items():
         assert converted.options[key] == value, key
@@ -170,7 +163,7 @@ def test_bare_safetensors_needs_num_heads(tmp_path, name):
     with pytest.raises(CheckpointError, match="num_heads="):
         timm.read_timm(path)
     converted = timm.read_timm(path, num_heads=H)
-    _assert_same_arrays(converted.arrays, arrays)
+    vit_reference.assert_same_arrays(converted.arrays, arrays)
     expected = {k: v for k, v in case["options"].items() if k != "approximate_gelu"}
     for key, value in expected.items():
         assert converted.options[key] == value, key
@@ -253,7 +246,7 @@ def test_unknown_architecture_needs_num_heads(tmp_path):
     with pytest.raises(CheckpointError, match="pass num_heads="):
         timm.read_timm(tmp_path)
     arrays = _canonical(CASES["token"])
-    _assert_same_arrays(timm.read_timm(tmp_path, num_heads=H).arrays, arrays)
+    vit_reference.assert_same_arrays(timm.read_timm(tmp_path, num_heads=H).arrays, arrays)
 
 
 def test_map_over_patches_only_is_refused(tmp_path):
@@ -278,7 +271,7 @@ def test_writer_matches_timms_layout_and_reads_back(tmp_path, name):
     state, config = timm.timm_arrays_and_config(arrays, options,
                                                 class_names=[str(i) for i in range(K)])
     expected = timm_layout.to_timm(arrays, **case["timm"])
-    _assert_same_arrays(state, expected)
+    vit_reference.assert_same_arrays(state, expected)
 
     assert config["architecture"] in timm.ARCHITECTURES
     assert config["num_classes"] == K and config["num_features"] == D
@@ -292,7 +285,7 @@ def test_writer_matches_timms_layout_and_reads_back(tmp_path, name):
 
     timm_layout.write_folder(str(tmp_path), state, config)
     converted = timm.read_timm(tmp_path)
-    _assert_same_arrays(converted.arrays, arrays)
+    vit_reference.assert_same_arrays(converted.arrays, arrays)
     for key, value in options.items():
         if key != "layer_scale":
             assert converted.options[key] == pytest.approx(value), key
@@ -312,7 +305,7 @@ def test_writer_refuses_what_timm_cannot_express():
 
 
 def _images(seed=1):
-    return np.random.default_rng(seed).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
+    return vit_reference.random_images(2, SIZE, seed)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -377,7 +370,7 @@ def test_bfloat16_files_read_as_float32(tmp_path):
         model_args=SHAPES, pretrained_cfg=timm_layout.pretrained_cfg(input_size=SIZE)))
     expected = {key: value.astype(ml_dtypes.bfloat16).astype(np.float32)
                 for key, value in arrays.items()}
-    _assert_same_arrays(timm.read_timm(tmp_path).arrays, expected)
+    vit_reference.assert_same_arrays(timm.read_timm(tmp_path).arrays, expected)
 
 
 def test_hugging_face_folders_are_not_timm(tmp_path):

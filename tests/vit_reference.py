@@ -203,3 +203,16 @@ def forward(arrays, images, return_attention=False, *, approximate_gelu=True,
 
 def relative_error(actual, expected):
     return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
+
+
+def random_images(batch=2, size=16, seed=1):
+    """float32 (batch, size, size, 3) pixels, uniform in [0, 255]: the tests' input images."""
+    return np.random.default_rng(seed).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+
+
+def assert_same_arrays(actual, expected):
+    """Both dicts hold the same keys, and each array is float32 and equal to the expected."""
+    assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        assert actual[key].dtype == np.float32, key
+        np.testing.assert_array_equal(actual[key], value, err_msg=key)

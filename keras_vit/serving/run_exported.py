@@ -51,13 +51,19 @@ class ExportedInputError(UserError):
     """Images an exported model cannot take (wrong type, dtype, rank, size, or not finite)."""
 
 
-def _require(module_name: str, package: str):
+def require(module_name: str, package: str, *, needed_by: str = "Running this model",
+            install: str = f"the export extra: {_EXPORT_EXTRA}"):
+    """Imports `module_name`; a MissingExtraError naming what to install when it is absent.
+
+    Shared with `runtimes` (the exporters), which may import this TensorFlow-free module;
+    the reverse would bring TensorFlow into the runtime's process.
+    """
     try:
         return __import__(module_name, fromlist=["_"])
     except ImportError as error:
         raise MissingExtraError(
-            f"Running this model needs {package}, which is not installed ({error}). Install "
-            f"the export extra: {_EXPORT_EXTRA}") from error
+            f"{needed_by} needs {package}, which is not installed ({error}). Install "
+            f"{install}") from error
 
 
 def check_images(images, image_size: int) -> np.ndarray:
@@ -106,7 +112,7 @@ class Runner:
 
 
 def _load_litert(path, num_threads):
-    interpreter_module = _require("ai_edge_litert.interpreter", "ai-edge-litert")
+    interpreter_module = require("ai_edge_litert.interpreter", "ai-edge-litert")
     interpreter = interpreter_module.Interpreter(model_path=path, num_threads=num_threads)
     runner = interpreter.get_signature_runner("serving_default")
     shape = runner.get_input_details()[INPUT_NAME]["shape_signature"]
@@ -120,7 +126,7 @@ def _load_litert(path, num_threads):
 
 
 def _load_onnx(path, num_threads):
-    ort = _require("onnxruntime", "onnxruntime")
+    ort = require("onnxruntime", "onnxruntime")
     options = ort.SessionOptions()
     if num_threads:
         options.intra_op_num_threads = num_threads
@@ -141,7 +147,7 @@ def openvino_precision_hint(model) -> str | None:
 
 
 def _load_openvino(path, num_threads):
-    ov = _require("openvino", "openvino")
+    ov = require("openvino", "openvino")
     core = ov.Core()
     model = core.read_model(path)
     config = {}

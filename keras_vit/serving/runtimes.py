@@ -49,28 +49,23 @@ from keras_vit.serving.export import (
     remove_stale_exports,
 )
 from keras_vit.serving.signatures import PIXELS_INPUT
-from pipelines.errors import MissingExtraError
+from keras_vit.serving import run_exported
+from keras_vit.serving.run_exported import OPENVINO_HINT_KEY
 
-_EXPORT_EXTRA = 'pip install -e ".[export]"'
 LITERT_PRECISIONS = ("float32", "float16", "int8", "int8_full")
 ONNX_PRECISIONS = ("float32", "int8")
 OPENVINO_PRECISIONS = ("float32", "bfloat16", "int8")
-# Recorded in the OpenVINO model's rt_info, where OpenVINO keeps runtime options; run_exported
-# passes it to compile_model. The CPU plugin's default on CPUs with AMX/AVX512-BF16 is bf16,
-# so a float32 model compiled without the hint runs in bfloat16 (errors of ~5e-3 measured).
-OPENVINO_HINT_KEY = ("runtime_options", "INFERENCE_PRECISION_HINT")
+# Each precision's inference hint, recorded in the OpenVINO model's rt_info under
+# OPENVINO_HINT_KEY; run_exported passes it to compile_model. The CPU plugin's default on CPUs
+# with AMX/AVX512-BF16 is bf16, so a float32 model compiled without the hint runs in bfloat16
+# (errors of ~5e-3 measured).
 _OPENVINO_HINTS = {"float32": "f32", "bfloat16": "bf16", "int8": "f32"}
 ONNX_OPSET = 17
 
 
-def _require(module_name: str, package: str, install: str = f"the export extra: {_EXPORT_EXTRA}"):
-    """Imports `module_name`; a MissingExtraError naming what to install when it is absent."""
-    try:
-        return __import__(module_name, fromlist=["_"])
-    except ImportError as error:
-        raise MissingExtraError(
-            f"This export needs {package}, which is not installed ({error}). Install "
-            f"{install}") from error
+def _require(module_name: str, package: str, **install):
+    """`run_exported.require`, for an export."""
+    return run_exported.require(module_name, package, needed_by="This export", **install)
 
 
 def _check_precision(precision: str, supported: tuple[str, ...], file_format: str):
