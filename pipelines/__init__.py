@@ -11,6 +11,7 @@ import importlib
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
+    "CROP_SAMPLERS": "pipelines.augment",
     "BadRecordCounter": "pipelines.dataset",
     "CorruptShardError": "pipelines.dataset",
     "build_dataset": "pipelines.dataset",

@@ -6,14 +6,16 @@ The pipeline is a chain of named stages, each a function below, in this order:
    (`_tfds_source`), then cache, record shuffle and repeat (`_shuffle_and_repeat`). Training
    shuffles and repeats the file list and interleaves the files; evaluation reads every example
    exactly once, in the order of the (sorted) shards and of the records within them.
-2. parse and decode (`_decode_records`): training decodes an Inception crop (only the crop window
-   of a JPEG) and draws the flip; evaluation and `augment="none"` run `preprocess.decode_for_eval`.
-   Bad records are skipped and counted (`_skip_bad_records`) or raise naming the shard
-   (`_fail_on_bad_records`); see `BadRecordCounter`.
+2. parse and decode (`_decode_records`): training delivers each record `aug_repeats` times in a
+   row (`_repeat_each_record`), gives each copy its augmentation seed, decodes an Inception crop
+   (only the crop window of a JPEG) and draws the flip; evaluation and `augment="none"` run
+   `preprocess.decode_for_eval`. Bad records are skipped and counted (`_skip_bad_records`) or
+   raise naming the shard (`_fail_on_bad_records`); see `BadRecordCounter`.
 3. augment and batch (`_resize_and_batch`): resize and flip (one compiled op, see
-   `compiled_ops`), optional RandAugment, fused with the batching.
-4. batch checks (`_check_labels`, `_fixed_batch_shape`, `_mix_up`): labels in range, fixed-shape
-   training batches, optional mixup.
+   `compiled_ops`), optional RandAugment, optional random erasing (`pipelines.erasing`), fused
+   with the batching.
+4. batch checks (`_check_labels`, `_fixed_batch_shape`, `_mix`): labels in range, fixed-shape
+   training batches, optional mixup / CutMix (`pipelines.mixing`).
 5. options and prefetch (`_with_options_and_prefetch`).
 """
 
@@ -29,7 +31,8 @@ import struct
 import tensorflow as tf
 from absl import logging
 
-from pipelines import augment as augment_lib, compiled_ops, info as info_lib, preprocess, records
+from pipelines import augment as augment_lib, compiled_ops, erasing, info as info_lib, mixing
+from pipelines import preprocess, records
 from pipelines.errors import UserError
 from pipelines.info import EmptyShardError
 
@@ -159,12 +162,14 @@ class _RecordOrder:
     repeat_count: int | None  # None: once; -1: forever; n: n times
     shuffle_buffer: int
     cache: bool
-    skip_examples: int  # of the shuffled record stream, before decoding (a resumed run)
+    skip_examples: int  # of the delivered stream (copies), before decoding (a resumed run)
+    aug_repeats: int = 1  # copies of each record, delivered in a row (training)
 
     @property
     def is_fixed(self) -> bool:
-        """Do parallel stages keep their input order? Deterministic runs and evaluation."""
-        return bool(self.deterministic or not self.training)
+        """Do parallel stages keep their input order? Deterministic runs, evaluation, and
+        repeated augmentation (which needs the copies of a record to stay in one batch)."""
+        return bool(self.deterministic or not self.training or self.aug_repeats > 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +190,9 @@ class _Augmentation:
     central_crop_fraction: float | None
     resize_kernel: str
     randaugment: str | None  # "num_layers,magnitude"; None when not training
+    crop_sampler: str = "tensorflow"  # augment.CROP_SAMPLERS
+    crop_area_range: tuple[float, float] = augment_lib.AREA_RANGE
+    erase: erasing.ErasingSettings = erasing.ErasingSettings()  # off unless training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +203,7 @@ class _Batching:
     num_classes: int | None
     label_offset: int
     fixed_shape: bool  # drop a partial batch and declare the batch dimension (training)
-    mixup_alpha: float  # 0 for none
+    mix: mixing.MixingSettings  # mixup / CutMix; off unless training
 
 
 # ----------------------------------------------------------------------------- 1. source records
@@ -487,48 +495,87 @@ def _parse_counted(element, parse, counter):
         return parse(*element)
 
 
-def _decode_inception_crop(element, seed, *, parse, counter):
-    """One record -> `(uint8 (crop_h, crop_w, 3) crop, bool flip, int64 label, context string)`.
+def _record_seeds(seed):
+    """The per-record int64 seed -> `(crop seed, flip seed, erase seed)`, each int64 `(2,)`.
 
-    Only the crop window of a JPEG is decoded; `seed` (int64 scalar) draws the crop and the flip.
+    The crop and flip seeds are those of earlier versions, so seeded runs keep their crops.
     """
-    image_bytes, label, context = _parse_counted(element, parse, counter)
     crop_seed, flip_seed = tf.unstack(
         tf.random.experimental.stateless_split(tf.stack([seed, tf.constant(0, tf.int64)]), 2))
-    image = augment_lib.decode_and_random_crop(image_bytes, crop_seed, context)
+    return crop_seed, flip_seed, tf.stack([seed, tf.constant(1, tf.int64)])
+
+
+def _decode_inception_crop(element, seed, *, parse, counter, crop_sampler, area_range):
+    """One record -> `(uint8 (crop_h, crop_w, 3) crop, bool flip, int64 (2,) erase seed,
+    int64 label, context string)`.
+
+    Only the crop window of a JPEG is decoded; `seed` (int64 scalar) draws the crop, the flip and
+    the random erasing.
+    """
+    image_bytes, label, context = _parse_counted(element, parse, counter)
+    crop_seed, flip_seed, erase_seed = _record_seeds(seed)
+    image = augment_lib.decode_and_random_crop(image_bytes, crop_seed, context,
+                                               crop_sampler=crop_sampler, area_range=area_range)
     flip = augment_lib.random_flip_decision(flip_seed)
-    return image, flip, label, context
+    return image, flip, erase_seed, label, context
 
 
 def _decode_for_eval(*element, parse, counter, central_crop_fraction):
-    """One record -> `(uint8 (h, w, 3) image, False, int64 label, context string)`."""
+    """One record -> `(uint8 (h, w, 3) image, False, zero erase seed, int64 label, context)`."""
     image_bytes, label, context = _parse_counted(element, parse, counter)
     image = preprocess.decode_for_eval(image_bytes, central_crop_fraction, context=context)
-    return image, tf.constant(False), label, context
+    return image, tf.constant(False), tf.zeros([2], tf.int64), label, context
+
+
+def _decode_for_eval_seeded(element, seed, **kwargs):
+    """Training with `augment="none"`: the eval decode, with the record's erase seed."""
+    image, flip, _, label, context = _decode_for_eval(*element, **kwargs)
+    return image, flip, _record_seeds(seed)[2], label, context
+
+
+def _repeat_each_record(ds, times):
+    """Each element of `ds` `times` times in a row (DeiT's repeated augmentation)."""
+    if times <= 1:
+        return ds
+    tile = lambda *element: tuple(tf.repeat(t[None], times, axis=0) for t in element)  # noqa: E731
+    return ds.map(tile).unbatch()
+
+
+def _decoder(augmentation: _Augmentation, parse, counter):
+    """The per-record decode function of `augmentation.mode`, and whether it takes a seed."""
+    if augmentation.mode == "inception_crop":
+        return functools.partial(
+            _decode_inception_crop, parse=parse, counter=counter,
+            crop_sampler=augmentation.crop_sampler, area_range=augmentation.crop_area_range), True
+    kwargs = dict(parse=parse, counter=counter,
+                  central_crop_fraction=augmentation.central_crop_fraction)
+    if augmentation.erase.enabled:
+        return functools.partial(_decode_for_eval_seeded, **kwargs), True
+    return functools.partial(_decode_for_eval, **kwargs), False
 
 
 def _decode_records(ds, augmentation: _Augmentation, policy, order, records_are_examples):
-    """Per record: count it as seen, parse, decode (and draw the flip), apply the bad-record policy.
+    """Per record: repeat it, count it as seen, parse, decode (and draw the flip), apply the
+    bad-record policy.
 
     Args:
         ds: `(serialized Example, shard path)` when `records_are_examples`, else TFDS's
             `(encoded image, int64 label, context)`.
         augmentation: `mode` selects the Inception crop or the eval decode.
         policy: skip or fail on records whose Example does not parse or image does not decode.
-        order: the per-record seeds and whether parallel decoding keeps the order.
+        order: the per-record seeds, `aug_repeats`, and whether parallel decoding keeps the order.
         records_are_examples: `ds` holds serialized Examples (TFRecord shards), not TFDS elements.
 
     Returns:
-        A dataset of `(image uint8 (h, w, 3), flip bool, label int64, context string)`, in fail
-        mode followed by an int32 record status (see `_fail_on_bad_records`).
+        A dataset of `(image uint8 (h, w, 3), flip bool, erase seed int64 (2,), label int64,
+        context string)`, in fail mode followed by an int32 record status (see
+        `_fail_on_bad_records`).
     """
     parse = _parse_tfrecord if records_are_examples else _already_parsed
-    if augmentation.mode == "inception_crop":
-        decode = functools.partial(_decode_inception_crop, parse=parse, counter=policy.counter)
+    decode, seeded = _decoder(augmentation, parse, policy.counter)
+    ds = _repeat_each_record(ds, order.aug_repeats)
+    if seeded:  # one seed per delivered copy: the K copies of a record are augmented apart
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=order.seed)))
-    else:
-        decode = functools.partial(_decode_for_eval, parse=parse, counter=policy.counter,
-                                   central_crop_fraction=augmentation.central_crop_fraction)
     if order.skip_examples:
         # After the zip, so each record keeps the augmentation seed it had in the first run.
         ds = ds.skip(order.skip_examples)
@@ -563,7 +610,8 @@ def _fail_on_bad_records(ds, decode, order, records_are_examples):
 
 
 def _decode_or_report(decode, records_are_examples, *args):
-    """Fail mode: `decode(*args)` as a one-element dataset of `(image, flip, label, context, status)`.
+    """Fail mode: `decode(*args)` as a one-element dataset of
+    `(image, flip, erase seed, label, context, status)`.
 
     TF's errors from a corrupt Example or a JPEG that breaks after a valid header do not say
     which file the record came from. Here a failed decode becomes an element with `status`
@@ -577,7 +625,8 @@ def _decode_or_report(decode, records_are_examples, *args):
 
     def failure(status):
         return lambda *_: (tf.zeros([0, 0, 3], tf.uint8), tf.constant(False),
-                           tf.constant(-1, tf.int64), context, tf.constant(status))
+                           tf.zeros([2], tf.int64), tf.constant(-1, tf.int64), context,
+                           tf.constant(status))
 
     # Tried only when the decode failed: does the Example at least parse?
     parses = single
@@ -636,11 +685,14 @@ def _resizer(augmentation: _Augmentation):
     return functools.partial(_flip_and_resize, image_size=size)
 
 
-def _finish_record(image, flip, label, context, status=None, *, resize, randaug):
-    """Per record: (fail mode) check the status, resize and flip, optional RandAugment.
+def _finish_record(image, flip, erase_seed, label, context, status=None, *, resize, randaug,
+                   erase):
+    """Per record: (fail mode) check the status, resize and flip, optional RandAugment, optional
+    random erasing (`erase`: `erasing.ErasingSettings` or None).
 
     Returns:
-        `(image float32 (image_size, image_size, 3) in [0, 255], label int64, context string)`.
+        `(image float32 (image_size, image_size, 3) in [0, 255] (erased pixels are noise around
+        `erase.mean` and may leave that range), label int64, context string)`.
     """
     checks = []
     if status is not None:
@@ -649,11 +701,13 @@ def _finish_record(image, flip, label, context, status=None, *, resize, randaug)
         image = resize(image, flip)
     if randaug is not None:
         image = tf.cast(randaug(image, training=True), tf.float32)
+    if erase is not None:
+        image = erasing.random_erase(image, erase_seed, erase)
     return image, label, context
 
 
 def _resize_and_batch(ds, augmentation: _Augmentation, randaug, batch_size, order):
-    """Resize (and flip) each decoded record to float32, then batch.
+    """Resize (and flip) each decoded record to float32, augment it, then batch.
 
     The map is directly followed by `batch`, which tf.data fuses with it (map_and_batch_fusion),
     so the images go straight into the batch (see docs/data.md, 'Benchmark').
@@ -662,7 +716,9 @@ def _resize_and_batch(ds, augmentation: _Augmentation, randaug, batch_size, orde
         A dataset of `(images float32 (batch, image_size, image_size, 3), labels int64 (batch,),
         contexts string (batch,))`; the last batch may be partial.
     """
-    finish = functools.partial(_finish_record, resize=_resizer(augmentation), randaug=randaug)
+    erase = augmentation.erase if augmentation.erase.enabled else None
+    finish = functools.partial(_finish_record, resize=_resizer(augmentation), randaug=randaug,
+                               erase=erase)
     ds = ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=order.is_fixed)
     return ds.batch(batch_size)
 
@@ -717,10 +773,14 @@ def _fixed_batch_shape(ds, batch_size, image_size):
                                     image_size=image_size))
 
 
-def _mix_up(ds, batching: _Batching, seed):
-    """Mixup of whole batches; labels become float32 `(batch, num_classes)` soft labels."""
-    mix = augment_lib.make_mixup(batching.mixup_alpha, batching.num_classes, seed)
-    return ds.map(mix, num_parallel_calls=AUTOTUNE)
+def _mix(ds, batching: _Batching, order: _RecordOrder, input_context):
+    """Mixup / CutMix of whole batches (`pipelines.mixing`); labels become float32
+    `(batch, num_classes)`. Batch draws follow the input pipeline's id and the stream's batch
+    index, which a resumed run continues from `skip_examples // batch_size`."""
+    first_batch = order.skip_examples // batching.batch_size
+    pipeline = input_context.input_pipeline_id if input_context is not None else 0
+    return mixing.mix_dataset(ds, batching.mix, batching.num_classes, order.seed, first_batch,
+                              pipeline)
 
 
 # ----------------------------------------------------------------------------- 5. options
@@ -765,8 +825,23 @@ def _check_settings(on_bad_record, augment, resize_kernel, batch_size, image_siz
     _check_positive("image_size", image_size)
 
 
+def _check_aug_repeats(aug_repeats, batch_size, training) -> int:
+    """`aug_repeats` (1 when not training); UserError unless it is >= 1. A batch size that is
+    not a multiple of it is allowed (DeiT's batch of 1024 with 3 repeats is not) and logged."""
+    _check_positive("aug_repeats", aug_repeats)
+    if not training:
+        return 1
+    if batch_size % aug_repeats:
+        logging.warning(
+            "aug_repeats=%d does not divide the per-replica batch size %d: the copies of one "
+            "image in %d straddle two consecutive batches (as DeiT's RASampler's do at batch "
+            "edges). Choose a batch size that is a multiple of %d to keep them together.",
+            aug_repeats, batch_size, aug_repeats, aug_repeats)
+    return int(aug_repeats)
+
+
 def _record_order(training, deterministic, seed, repeat, shuffle_buffer, cache,
-                  skip_examples) -> _RecordOrder:
+                  skip_examples, aug_repeats=1) -> _RecordOrder:
     """Resolves the defaults: seed 0 for deterministic runs; repeat forever when training."""
     if isinstance(skip_examples, bool) or not isinstance(skip_examples, int) or skip_examples < 0:
         raise UserError(f"skip_examples must be an integer >= 0, got {skip_examples!r}.")
@@ -778,10 +853,12 @@ def _record_order(training, deterministic, seed, repeat, shuffle_buffer, cache,
         shuffle_buffer=shuffle_buffer,
         cache=cache,
         skip_examples=skip_examples if training else 0,
+        aug_repeats=aug_repeats,
     )
 
 
-def _batching(info, batch_size, num_classes, label_offset, training, mixup_alpha) -> _Batching:
+def _batching(info, batch_size, num_classes, label_offset, training,
+              mix: mixing.MixingSettings) -> _Batching:
     """Fills `num_classes` and `label_offset` from the dataset info where they are None."""
     info = info or {}
     batching = _Batching(
@@ -789,10 +866,12 @@ def _batching(info, batch_size, num_classes, label_offset, training, mixup_alpha
         num_classes=info.get("num_classes") if num_classes is None else num_classes,
         label_offset=info.get("label_offset", 0) if label_offset is None else label_offset,
         fixed_shape=training,
-        mixup_alpha=mixup_alpha if training else 0.0,
+        mix=mix if training else mixing.MixingSettings(),
     )
-    if batching.mixup_alpha > 0 and not batching.num_classes:
-        raise UserError("mixup_alpha > 0 needs num_classes (no dataset_info.json gives it).")
+    if batching.mix.enabled and not batching.num_classes:
+        which = "mixup_alpha" if mix.mixup_alpha > 0 else "cutmix_alpha"
+        raise UserError(f"{which} > 0 needs num_classes (no dataset_info.json gives it); pass "
+                        "num_classes=.")
     return batching
 
 
@@ -813,6 +892,15 @@ def build_dataset(
     augment: str = "inception_crop",
     randaugment: str | None = None,
     mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    mixup_prob: float = 1.0,
+    mixup_switch_prob: float = 0.5,
+    random_erase: float = 0.0,
+    erase_mean: tuple[float, float, float] = (127.5, 127.5, 127.5),
+    erase_std: tuple[float, float, float] = (127.5, 127.5, 127.5),
+    aug_repeats: int = 1,
+    crop_sampler: str = "tensorflow",
+    crop_area_range: tuple[float, float] = augment_lib.AREA_RANGE,
     central_crop_fraction: float | None = None,
     on_bad_record: str = "skip",
     tfds_data_dir: str | None = None,
@@ -839,15 +927,40 @@ def build_dataset(
             shards); default from dataset_info.json, else 0.
         shuffle_buffer: records in the shuffle buffer (training).
         deterministic: the same batches on every run: seeded shuffles/augmentation (`seed` or 0)
-            and deterministic parallel ops. RandAugment/mixup use Keras seeds and are not covered.
+            and deterministic parallel ops. RandAugment uses Keras seeds and is not covered.
         cache: cache the serialized records in memory (small datasets); augmentation stays random.
         repeat: True/False or a count; default: forever when training, once otherwise.
         augment: training preprocessing: `"inception_crop"` (random-resized crop, flip, resize)
             or `"none"` (`preprocess_for_eval`: decode, optional central crop, resize) with the
             training order, shuffle, repeat and fixed batch size. Ignored when not training.
         randaugment: `"num_layers,magnitude"` such as `"2,15"`, or None.
-        mixup_alpha: > 0 mixes batches (training only); labels become float32
-            `(batch, num_classes)`.
+        mixup_alpha, cutmix_alpha: Beta(alpha, alpha) of mixup and of CutMix; either > 0 mixes
+            whole batches with their reverse (training only, timm's `Mixup`, mode "batch", see
+            `pipelines.mixing`); labels become float32 `(batch, num_classes)`, each row summing
+            to 1. Label smoothing stays with the loss (it commutes with the mixing).
+        mixup_prob: probability that a batch is mixed at all (timm's `prob`).
+        mixup_switch_prob: with both alphas > 0, probability of CutMix instead of mixup.
+        random_erase: per-image probability of timm's `RandomErasing` (mode "pixel": one box of
+            2-33 % of the image, aspect 0.3-3.3, filled with `erase_mean + erase_std * N(0, 1)`
+            per pixel and channel, not clipped), after resize, flip and RandAugment (training
+            only, see `pipelines.erasing`).
+        erase_mean, erase_std: the model's input normalisation in pixel units, per channel,
+            so that the erased pixels become N(0, 1) after it (timm erases normalised tensors).
+        aug_repeats: K >= 1, DeiT's repeated augmentation (training only): each record of the
+            shuffled stream is delivered K times in a row, each copy with its own augmentation
+            seed, so a per-replica batch holds K differently augmented copies of each of its
+            images (when `batch_size` is not a multiple of K, the copies of some images straddle
+            two consecutive batches, as DeiT's do at batch edges). Unlike DeiT's `RASampler`, which sends
+            the copies to K different GPUs and cuts each epoch to `len(dataset)` samples (so an
+            epoch sees about 1/K of the images), the copies stay in one replica's batch and the
+            stream has no epochs: N delivered examples hold N / K distinct images. Parallel
+            stages keep their order (as with `deterministic`) so that copies never change batch.
+            A bad record is counted once per copy by the `BadRecordCounter`.
+        crop_sampler: the Inception crop's sampling rule, one of `augment.CROP_SAMPLERS`:
+            `"tensorflow"` (`sample_distorted_bounding_box`, Google's ViT code) or
+            `"torchvision"` (`RandomResizedCrop.get_params`, timm and DeiT).
+        crop_area_range: `(min, max)` fraction of the image area an Inception crop covers
+            (big_vision (0.05, 1); torchvision/timm/DeiT (0.08, 1)).
         central_crop_fraction: see `preprocess_for_eval`; eval and `augment="none"`.
         on_bad_record: `"skip"` counts (see `BadRecordCounter`), logs and skips corrupt records
             and undecodable images; `"fail"` raises naming the shard. Out-of-range labels always
@@ -864,20 +977,24 @@ def build_dataset(
             `"auto"`: the compiled op where it builds, else TensorFlow's ops with a warning. The
             pixels agree to ~3e-5. Evaluation and `augment="none"` always use TensorFlow's ops.
         skip_examples: training only: examples of the shuffled record stream to skip before
-            any is decoded, so that a resumed run goes on where the last one stopped. With
-            `deterministic` (and no bad records) the stream then continues with exactly the
-            examples an uninterrupted run would have seen next; RandAugment and mixup, which
-            use Keras seeds, are not covered. The skipped records are read, not decoded.
+            any is decoded, so that a resumed run goes on where the last one stopped (with
+            `aug_repeats`, copies count as examples). With `deterministic` (and no bad records)
+            the stream then continues with exactly the examples an uninterrupted run would have
+            seen next, crops, erasing and mixing included (the mixing draws of batch i come from
+            `(seed, skip_examples // batch_size + i)`); RandAugment, which uses Keras seeds, is
+            not covered. The skipped records are read, not decoded.
 
     Returns:
         A dataset of `(images float32 (batch, image_size, image_size, 3) in [0, 255],
-        labels int32 (batch,))`, or float32 `(batch, num_classes)` soft labels with mixup.
-        Training batches have a fixed batch dimension.
+        labels int32 (batch,))`, or float32 `(batch, num_classes)` soft labels with mixup or
+        CutMix. Training batches have a fixed batch dimension.
 
     Raises:
         UserError: an unknown `on_bad_record`, `augment` or `resize_kernel`, a malformed
             `randaugment`, a `central_crop_fraction` outside (0, 1], a `batch_size` or
-            `image_size` below 1; mixup without `num_classes`.
+            `image_size` below 1; mixup / CutMix without `num_classes`; an alpha below 0, a
+            probability outside [0, 1], an unknown `crop_sampler`, a `crop_area_range` outside
+            (0, 1], `erase_mean`/`erase_std` not 3 values, `aug_repeats` < 1.
         MissingFileError: no shards of `split` at a TFRecord `source`, or a listed shard is
             missing (names it).
         EmptyShardError: a zero-byte shard, a split without examples, or no readable record.
@@ -890,8 +1007,11 @@ def build_dataset(
     _check_settings(on_bad_record, augment, resize_kernel, batch_size, image_size)
     source = os.fspath(source)
     training = split == "train" if training is None else training
+    mix = mixing.MixingSettings(mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob).check()
+    erase = erasing.ErasingSettings.from_args(random_erase, erase_mean, erase_std)
+    crop_area_range = augment_lib.check_crop_settings(crop_sampler, crop_area_range)
     order = _record_order(training, deterministic, seed, repeat, shuffle_buffer, cache,
-                          skip_examples)
+                          skip_examples, _check_aug_repeats(aug_repeats, batch_size, training))
     policy = _BadRecordPolicy(
         on_bad_record, BadRecordCounter() if bad_record_counter is None else bad_record_counter,
         check_shards)
@@ -902,13 +1022,16 @@ def build_dataset(
         elements, info = _tfds_source(source, split, input_context, order, tfds_data_dir)
     else:
         elements, info = _tfrecord_source(source, split, input_context, order, policy, repeat_files)
-    batching = _batching(info, batch_size, num_classes, label_offset, training, mixup_alpha)
+    batching = _batching(info, batch_size, num_classes, label_offset, training, mix)
     augmentation = _Augmentation(
         mode=augment if training else "none",
         image_size=image_size,
         central_crop_fraction=central_crop_fraction,
         resize_kernel=resize_kernel,
         randaugment=randaugment if training else None,
+        crop_sampler=crop_sampler,
+        crop_area_range=crop_area_range,
+        erase=erase if training else erasing.ErasingSettings(),
     )
     randaug = augment_lib.make_randaugment(augmentation.randaugment, order.seed)
 
@@ -918,6 +1041,6 @@ def build_dataset(
     ds = _check_labels(ds, batching, policy.counter, order)
     if batching.fixed_shape:
         ds = _fixed_batch_shape(ds, batch_size, image_size)
-    if batching.mixup_alpha > 0:
-        ds = _mix_up(ds, batching, order.seed)
+    if batching.mix.enabled:
+        ds = _mix(ds, batching, order, input_context)
     return _with_options_and_prefetch(ds, order)
