@@ -146,3 +146,17 @@ def test_other_backends_take_keras_updates_unchanged():
                             capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
                                 os.path.abspath(__file__))))
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_layer_decay_and_ema_keep_one_fused_kernel_per_variable():
+    """Per-variable learning-rate factors are a scalar multiply: the update stays one kernel."""
+    variables = _variables()
+    optimizer = FusedAdamW(learning_rate=0.1, weight_decay=0.1, use_ema=True, ema_momentum=0.9,
+                           learning_rate_multipliers={v.path: 0.5 ** i
+                                                      for i, v in enumerate(variables)})
+    optimizer.build(variables)
+    graph = tf.function(lambda g: optimizer.apply(g, variables)).get_concrete_function(
+        [tf.TensorSpec(s, tf.float32) for s in SHAPES]).graph
+    assert [op.type for op in graph.get_operations()].count("ResourceApplyAdam") == len(SHAPES)
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert restored.learning_rate_multipliers == optimizer.learning_rate_multipliers

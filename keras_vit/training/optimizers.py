@@ -8,12 +8,19 @@ kernels: biases, LayerNorm scales/offsets and the position embedding / class tok
 
 The optimizers are Keras's, with each variable's update fused into one TensorFlow kernel
 (`fused_optimizers`): same arithmetic, ~2x less optimizer time on TensorFlow.
+
+Two fine-tuning / DeiT recipe options: layer-wise learning-rate decay (`layer_decay`, BEiT/MAE
+and timm's `param_groups_layer_decay`, see `layer_decay.py`) and an exponential moving average
+of the weights (`ema_decay`, `ema_warmup`: Keras's optimizer EMA, stepped once per update,
+with timm ModelEmaV3's warmup; `ema.py` evaluates and exports it).
 """
 
 import keras
 
 from keras_vit import layers as vit_layers
+from keras_vit.training import layer_decay as layer_decay_lib
 from keras_vit.training.fused_optimizers import FusedAdamW, FusedSGD
+from pipelines.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WEIGHT_DECAY_GROUPS = ("bias", "norm", "embedding")
@@ -75,6 +82,9 @@ def build_optimizer(
     weight_decay_exclude=WEIGHT_DECAY_GROUPS,
     global_clipnorm=None,
     gradient_accumulation_steps=1,
+    layer_decay=0.0,
+    ema_decay=0.0,
+    ema_warmup=False,
 ):
     """Returns a Keras optimizer: `FusedSGD` for "sgd", `FusedAdamW` for "adam" and "adamw".
 
@@ -84,7 +94,8 @@ def build_optimizer(
             paper's pre-training optimizer and equals "adamw" (the same class).
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`.
         model: the model to train; needed when `weight_decay > 0` to find the excluded
-            variables (call under the strategy scope, before the optimizer is built).
+            variables and when `layer_decay > 0` to find the layers (call under the
+            strategy scope, before the optimizer is built).
         momentum: SGD momentum.
         beta1, beta2: Adam moment decay rates.
         weight_decay: decoupled weight decay coefficient (0 disables it).
@@ -92,18 +103,25 @@ def build_optimizer(
         global_clipnorm: clip the gradients to this global L2 norm (None: no clipping).
         gradient_accumulation_steps: average the gradients of this many micro-batches before
             each update (1: none).
+        layer_decay: in (0, 1]: each variable's learning rate (and decoupled weight decay)
+            is scaled by `layer_decay ** (L + 1 - layer_id)` (`layer_decay.layer_ids`); 0: off.
+        ema_decay: in [0, 1): keep an exponential moving average of the trainable weights
+            with this decay, updated once per optimizer update; 0: no EMA.
+        ema_warmup: timm ModelEmaV3's warmup, decay min(ema_decay, 1 - (1 + t) ** (-2/3))
+            at the update after t updates (`fused_optimizers._LayerDecayAndEma`).
 
     Returns:
         The optimizer, not yet built (Keras builds it on the first update).
 
     Raises:
-        ValueError: an unknown `name`, `gradient_accumulation_steps` < 1, or weight decay
-            with exclusions but no `model`.
+        ValueError (a `UserError`): an unknown `name`, `gradient_accumulation_steps` < 1,
+            weight or layer decay that needs `model` without one, `layer_decay` outside
+            {0} and (0, 1], `ema_decay` outside [0, 1), or `ema_warmup` without `ema_decay`.
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")
+        raise UserError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")
     if gradient_accumulation_steps < 1:
-        raise ValueError(
+        raise UserError(
             f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}."
         )
     common = dict(
@@ -113,6 +131,8 @@ def build_optimizer(
         gradient_accumulation_steps=(
             gradient_accumulation_steps if gradient_accumulation_steps > 1 else None
         ),
+        learning_rate_multipliers=_multipliers(model, layer_decay),
+        **_ema_arguments(ema_decay, ema_warmup),
     )
     if name == "sgd":
         optimizer = FusedSGD(momentum=momentum, **common)
@@ -121,8 +141,31 @@ def build_optimizer(
         optimizer = FusedAdamW(beta_1=beta1, beta_2=beta2, **common)
     if weight_decay and weight_decay_exclude:
         if model is None:
-            raise ValueError("build_optimizer needs `model` to exclude variables from weight decay.")
+            raise UserError("build_optimizer needs `model` to exclude variables from weight decay.")
         optimizer.exclude_from_weight_decay(
             var_list=no_decay_variables(model, tuple(weight_decay_exclude))
         )
     return optimizer
+
+
+def _multipliers(model, layer_decay):
+    """{variable.path: learning-rate factor} of layer decay, or None when it is off (0)."""
+    if not layer_decay:
+        return None
+    layer_decay_lib.check_layer_decay(layer_decay)
+    if model is None:
+        raise UserError(f"layer_decay={layer_decay} needs build_optimizer(model=...): the "
+                        "learning-rate factors follow the model's layers.")
+    return layer_decay_lib.learning_rate_multipliers(model, layer_decay)
+
+
+def _ema_arguments(ema_decay, ema_warmup):
+    """The EMA keywords of the optimizer: Keras's use_ema / ema_momentum and ema_warmup."""
+    if not 0.0 <= ema_decay < 1.0:
+        raise UserError(f"ema_decay must be in [0, 1) (0: no EMA; DeiT uses 0.99996, timm "
+                        f"fine-tuning 0.9998), got {ema_decay!r}.")
+    if ema_warmup and not ema_decay:
+        raise UserError("ema_warmup=True warms up an EMA: set ema_decay > 0 too.")
+    if not ema_decay:
+        return {}
+    return dict(use_ema=True, ema_momentum=float(ema_decay), ema_warmup=bool(ema_warmup))
