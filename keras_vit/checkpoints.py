@@ -54,7 +54,8 @@ BLOCK_PREFIX = "Transformer/encoderblock_{}"
 _ATTENTION = BLOCK_PREFIX + "/MultiHeadDotProductAttention_1"
 POSITION_EMBEDDING_KEY = "Transformer/posembed_input/pos_embedding"
 _BLOCK_PATTERN = re.compile(r"^Transformer/encoderblock_(\d+)/")
-_OVERRIDABLE = ("dropout_rate", "attention_dropout_rate", "stochastic_depth_rate", "include_top", "name")
+_OVERRIDABLE = ("dropout_rate", "attention_dropout_rate", "stochastic_depth_rate", "include_top", "name",
+                "remat")
 # What the arrays cannot say but a user may: for a position embedding whose length fits a
 # square grid with and without the prefix tokens.
 _LAYOUT_OVERRIDES = ("position_embedding_prefix",)
@@ -489,7 +490,7 @@ def from_npz(path, *, image_size=None, num_classes=None, allow_non_finite=False,
         num_classes: None keeps the checkpoint's head. A different number drops the pre-logits
             layer and attaches a new zero-initialized head (the paper's fine-tuning recipe).
         **overrides: dropout_rate, attention_dropout_rate, stochastic_depth_rate,
-            include_top, name, passed to `create_model`.
+            include_top, name, remat, passed to `create_model`.
         allow_non_finite: load arrays holding NaN or Inf instead of refusing them.
 
     Returns:

@@ -650,6 +650,10 @@ class Encoder(keras.layers.Layer):
         layer_scale, approximate_gelu, layer_norm_epsilon: every block's (`TransformerBlock`).
         final_norm: False to end without the final LayerNorm (timm's `fc_norm` models
             normalise after pooling instead).
+        remat: rematerialise each block in training: the backward pass recomputes a block's
+            activations from its input instead of keeping them (`_rematerialised_block`). A
+            memory/time trade, not an architecture choice: the weights and outputs are the
+            same, and `model_options` leaves it out.
         **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
@@ -666,9 +670,11 @@ class Encoder(keras.layers.Layer):
         approximate_gelu=True,
         layer_norm_epsilon=LAYER_NORM_EPSILON,
         final_norm=True,
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.remat = bool(remat)
         self.block_options = {
             "layer_scale": None if layer_scale is None else float(layer_scale),
             "approximate_gelu": bool(approximate_gelu),
@@ -724,8 +730,8 @@ class Encoder(keras.layers.Layer):
                 attention_maps.append(probabilities)
             else:
                 last = block is self.blocks[-1]
-                tokens = block(tokens, training=training,
-                               class_token_only=self.class_token_only and last)
+                run = _rematerialised_block if self.remat and training else _plain_block
+                tokens = run(block, tokens, training, self.class_token_only and last)
         if self.norm is not None:
             tokens = self.norm(tokens)
         if return_attention_scores:
@@ -744,7 +750,47 @@ class Encoder(keras.layers.Layer):
             "class_token_only": self.class_token_only,
             **self.block_options,
             "final_norm": self.final_norm,
+            "remat": self.remat,
         }
+
+
+def _plain_block(block, tokens, training, class_token_only):
+    return block(tokens, training=training, class_token_only=class_token_only)
+
+
+def _seed_generators(layer):
+    """Every `keras.random.SeedGenerator` of `layer` and its sub-layers (dropout, drop path)."""
+    # Keras keeps a layer's own generators in `_seed_generators` (what `Layer.variables` reads).
+    return [generator for sub_layer in layer._flatten_layers(include_self=True, recursive=True)
+            for generator in sub_layer._seed_generators]
+
+
+def _rematerialised_block(block, tokens, training, class_token_only):
+    """`block(tokens)` under `keras.remat` (tf.recompute_grad / jax.checkpoint): only the
+    block's input (B, T, D) is kept for the backward pass, which runs the block again.
+
+    Keras's `RematScope` would wrap the block's `call` the same way, but neither it nor
+    `keras.remat` handles random layers: the recomputation draws new dropout and drop-path
+    masks on TensorFlow (wrong gradients), and on JAX the seed update made inside the
+    checkpoint leaks a tracer. So the seed generators' states enter the rematerialised
+    function as inputs and leave it as outputs: the recomputation starts from the same seeds
+    and draws the same masks, and the states advance once per step, as without remat.
+    """
+    generators = _seed_generators(block)
+
+    # The states are arguments, not captured tensors: captured ones gave TensorFlow's
+    # recomputation other seeds. (tf.recompute_grad then warns, a few times per process,
+    # that it cannot watch integer tensors; they need no gradient.)
+    def forward(tokens, *states):
+        for generator, state in zip(generators, states):
+            generator.state.assign(state)
+        outputs = block(tokens, training=training, class_token_only=class_token_only)
+        return (outputs, *(ops.convert_to_tensor(g.state.value) for g in generators))
+
+    outputs, *states = keras.remat(forward)(tokens, *(g.state.value for g in generators))
+    for generator, state in zip(generators, states):
+        generator.state.assign(state)
+    return outputs
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")

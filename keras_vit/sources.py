@@ -38,7 +38,7 @@ def from_checkpoint(source, *, image_size=None, num_classes=None, allow_non_fini
             zero-initialised head (and drops pre-logits).
         allow_non_finite: load arrays holding NaN or Inf instead of refusing them.
         **overrides: dropout_rate, attention_dropout_rate, stochastic_depth_rate,
-            include_top, name (passed to `create_model`); num_heads, for a timm
+            include_top, name, remat (passed to `create_model`); num_heads, for a timm
             checkpoint whose architecture no config names; position_embedding_prefix, for
             the rare checkpoint whose position embedding's length does not say whether it
             covers the prefix tokens (the error says when).
