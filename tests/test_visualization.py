@@ -260,3 +260,23 @@ def test_visualize_tool_names_a_missing_image(model_dir, tmp_path):
     assert result.returncode != 0
     assert f"Image file {tmp_path}/missing.jpg does not exist" in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_visualize_curves_defaults_to_optimizer_steps(model_dir, tmp_path):
+    # A run with --log_every_steps scalars is drawn against its steps by default ...
+    logdir = tmp_path / "logs"
+    write_scalars(str(logdir), {"train": {"step_loss": [(100, 1.0), (200, 0.5)],
+                                          "step_learning_rate": [(100, 1e-3), (200, 5e-4)],
+                                          "epoch_loss": [(0, 0.7)]},
+                                "validation": {"step_loss": [(200, 0.6)]}})
+    result = run_visualize("curves", f"--logdir={logdir}", f"--output={tmp_path}/steps.png")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 panels)" in result.stdout and "against epochs" not in result.stdout
+    # ... one logged before them (epoch_* only) falls back to epochs, unless --x_axis is given.
+    result = run_visualize("curves", f"--checkpoint={model_dir}", f"--output={tmp_path}/e.png")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "drawing against epochs" in result.stdout and "(1 panels)" in result.stdout
+    result = run_visualize("curves", f"--checkpoint={model_dir}", "--x_axis=step",
+                           f"--output={tmp_path}/s.png")
+    assert result.returncode != 0 and "no loss, accuracy or learning-rate scalars per step" in result.stderr

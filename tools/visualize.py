@@ -10,7 +10,8 @@ KIND:
   attention            attention rollout (Abnar & Zuidema 2020) over each image (Figure 6)
   posemb               cosine similarity of the position embeddings (Figure 7, centre)
   attention_distance   mean attention distance per head against depth (Figure 7, right)
-  curves               loss, accuracy and learning rate from MODEL_DIR/logs (TensorBoard)
+  curves               loss, accuracy and learning rate from MODEL_DIR/logs (TensorBoard),
+                       against optimizer update steps (--x_axis=epoch: against epochs)
 See docs/analysis.md.
 """
 
@@ -24,7 +25,7 @@ import keras_vit
 import pipelines
 from keras_vit import analysis, inference, load_classifier
 from keras_vit import class_names as class_names_lib
-from keras_vit.analysis import figures
+from keras_vit.analysis import curves, figures
 from keras_vit import cli
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -42,7 +43,10 @@ _RESIDUAL_WEIGHT = flags.DEFINE_float(
     "residual_weight", 0.5, "Rollout: weight of the identity added to each attention map.")
 _LOGDIR = flags.DEFINE_string(
     "logdir", None, "curves: TensorBoard log directory (default: CHECKPOINT/logs).")
-_X_AXIS = flags.DEFINE_enum("x_axis", "epoch", ["epoch", "step"], "curves: per epoch or per step.")
+_X_AXIS = flags.DEFINE_enum(
+    "x_axis", "step", ["step", "epoch"], "curves: against optimizer update steps (the "
+    "--log_every_steps scalars; a run logged without them falls back to epochs unless "
+    "--x_axis is given) or against epochs (--checkpoint_every_steps chunks).")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "Data dir of prepared TFDS datasets.")
 _ALLOW_NON_FINITE = flags.DEFINE_bool(
     "allow_non_finite_weights", False, "Load a model whose weights hold NaN or Inf (refused by "
@@ -116,12 +120,17 @@ def draw_curves(paths):
         if not _CHECKPOINT.value or not os.path.isdir(_CHECKPOINT.value):
             raise app.UsageError("curves needs --logdir=DIR or --checkpoint=MODEL_DIR.")
         logdir = os.path.join(_CHECKPOINT.value, "logs")
-    groups = analysis.group_curves(analysis.read_scalars(logdir), _X_AXIS.value)
+    scalars = analysis.read_scalars(logdir)
+    x_axis = _X_AXIS.value if _X_AXIS.present else curves.default_x_axis(scalars)
+    if x_axis != _X_AXIS.value:
+        print(f"{logdir} has no --log_every_steps scalars (step_*): drawing against epochs.")
+    groups = analysis.group_curves(scalars, x_axis)
     if not groups:
         raise keras_vit.UserError(
-            f"{logdir} has no loss, accuracy or learning-rate scalars per {_X_AXIS.value}; "
-            f"try --x_axis={'step' if _X_AXIS.value == 'epoch' else 'epoch'}.")
-    return figures.curves_figure(groups, _X_AXIS.value, title=logdir)
+            f"{logdir} has no loss, accuracy or learning-rate scalars per {x_axis}; "
+            f"try --x_axis={'step' if x_axis == 'epoch' else 'epoch'}.")
+    return figures.curves_figure(groups, "optimizer step" if x_axis == "step" else x_axis,
+                                 title=logdir)
 
 
 #: KIND -> the function that draws it from the image files given after KIND.

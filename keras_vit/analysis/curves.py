@@ -1,10 +1,15 @@
-"""Training curves from TensorBoard event files (as `keras.callbacks.TensorBoard` writes them).
+"""Training curves from TensorBoard event files (as `keras.callbacks.TensorBoard` and
+`keras_vit.training.callbacks.StepScalars` write them).
 
 Keras writes scalars as tensor summaries: in `logs/train` "epoch_loss", "epoch_<metric>",
-"epoch_learning_rate" (step = epoch) and with `update_freq` "batch_<metric>" (step = batch);
-in `logs/validation` "epoch_<metric>" and "evaluation_<metric>_vs_iterations" (step = batch).
-Event files are read with `tf.compat.v1.train.summary_iterator`, so TensorBoard itself is not
-needed.
+"epoch_learning_rate" (step = epoch) and with `update_freq` "batch_<metric>" (step = the
+optimizer's micro-step counter); in `logs/validation` "epoch_<metric>" and
+"evaluation_<metric>_vs_iterations" (the same counter). `StepScalars` (tools/train.py's
+--log_every_steps) writes "step_<metric>" in both runs at x = the optimizer update step, which
+differs from Keras's counter under gradient accumulation. The x axis "step" draws a run's
+step_* curves, or where a run has none (a run trained before StepScalars, or by plain Keras)
+its batch_* and evaluation_* ones. Event files are read with
+`tf.compat.v1.train.summary_iterator`, so TensorBoard itself is not needed.
 """
 
 import collections
@@ -16,6 +21,9 @@ import tensorflow as tf
 
 from pipelines.errors import MissingFileError
 
+#: StepScalars' tag prefix (keras_vit.training.callbacks.STEP_TAG_PREFIX; not imported, so
+#: reading curves needs no training module).
+STEP_TAG_PREFIX = "step_"
 #: The panels of a curves figure, in order; `group_curves` sorts each metric into one of them.
 CURVE_GROUPS = ("loss", "accuracy", "learning rate")
 _EVALUATION_TAG = re.compile(r"^evaluation_(.+)_vs_iterations$")
@@ -84,15 +92,33 @@ def read_scalars(logdir):
 
 
 def _parse_tag(tag):
-    """(metric name, x axis) of a tag: x axis "epoch" for epoch_*, else "step"."""
+    """(metric name, x axis) of a tag: "epoch" for epoch_*, "step" for StepScalars' step_*
+    (optimizer updates), "keras_step" for Keras's per-batch tags and untagged scalars."""
     if tag.startswith("epoch_"):
         return tag[len("epoch_"):], "epoch"
+    if tag.startswith(STEP_TAG_PREFIX):
+        return tag[len(STEP_TAG_PREFIX):], "step"
     if tag.startswith("batch_"):
-        return tag[len("batch_"):], "step"
+        return tag[len("batch_"):], "keras_step"
     match = _EVALUATION_TAG.match(tag)
     if match:
-        return match.group(1), "step"
-    return tag, "step"
+        return match.group(1), "keras_step"
+    return tag, "keras_step"
+
+
+def _run_axis(tags, x_axis):
+    """The tag axis a run is drawn from: for "step", its step_* tags if it has any (both
+    kinds would draw each metric twice), else Keras's per-batch ones."""
+    if x_axis == "epoch":
+        return "epoch"
+    return "step" if any(_parse_tag(tag)[1] == "step" for tag in tags) else "keras_step"
+
+
+def default_x_axis(scalars):
+    """"step" when `scalars` (from `read_scalars`) hold `StepScalars`' step_* tags, else
+    "epoch": a run logged without them (before --log_every_steps) draws its epochs."""
+    has_steps = any(_parse_tag(tag)[1] == "step" for tags in scalars.values() for tag in tags)
+    return "step" if has_steps else "epoch"
 
 
 def _group(metric):
@@ -110,7 +136,8 @@ def group_curves(scalars, x_axis="epoch"):
 
     Args:
         scalars: from `read_scalars`.
-        x_axis: "epoch" (epoch_* tags) or "step" (per-batch tags and untagged scalars).
+        x_axis: "epoch" (epoch_* tags) or "step": optimizer update steps (`StepScalars`'
+            step_* tags; in a run without them, Keras's per-batch tags and untagged scalars).
 
     Returns:
         {group: [(label "run/metric", steps (n,), values (n,)), ...]} for the groups of
@@ -120,10 +147,11 @@ def group_curves(scalars, x_axis="epoch"):
         raise ValueError(f"x_axis must be 'epoch' or 'step', got {x_axis!r}.")
     groups = {group: [] for group in CURVE_GROUPS}
     for run in sorted(scalars):
+        run_axis = _run_axis(scalars[run], x_axis)
         for tag in sorted(scalars[run]):
             metric, axis = _parse_tag(tag)
             group = _group(metric)
-            if group is None or axis != x_axis:
+            if group is None or axis != run_axis:
                 continue
             steps, values = scalars[run][tag]
             label = metric if run == "." else f"{run}/{metric}"
