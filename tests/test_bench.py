@@ -92,3 +92,38 @@ def test_gpu_benchmark_runs_on_cpu_under_jax_without_tensorflow():
     assert match, last
     assert float(match.group(1)) > 0 and float(match.group(2)) > 0
     assert match.group(3).lower() == "cpu"
+
+
+@pytest.mark.slow
+def test_memory_benchmark_on_a_tiny_variant():
+    output = _run([
+        "bench/memory.py", f"--variant={TINY}", f"--image_size={SIZE}", f"--batch_size={BATCH}",
+        "--num_classes=10", "--repeats=2", "--warmup=1"])
+    lines = output.strip().splitlines()
+    table = [line.split() for line in lines if "=" not in line]  # not the summary line
+    rows = {row[0]: [float(value) for value in row[1:5]] for row in table
+            if len(row) == 6 and row[0] in ("plain", "remat", "ema", "layer_decay")}
+    assert sorted(rows) == ["ema", "layer_decay", "plain", "remat"]  # one child process each
+    for case, (ms, images, peak, step) in rows.items():
+        assert ms > 0 and peak > 0 and 0 <= step <= peak, case
+        # ms/step is printed to 0.1 ms, images/s to 0.01.
+        assert images == pytest.approx(BATCH / (ms / 1e3), rel=0.05 / ms + 1e-3, abs=0.01), case
+    match = re.fullmatch(
+        rf"remat peak_rss=([+-]{NUMBER})% step_rss=([+-]{NUMBER})% step_time=([+-]{NUMBER})% "
+        rf"ema_step_time=([+-]{NUMBER})% layer_decay_step_time=([+-]{NUMBER})%", lines[-1])
+    assert match, lines[-1]
+    # Each change is the table's own ratio against the plain row: times from images/s (printed
+    # to 0.01), memory from whole MiB, so within the printed rounding.
+    plain = rows["plain"]
+
+    def rounding(found, base, half_unit):
+        return 100 * half_unit * (1 / base + found / base**2) + 0.1
+
+    checks = [(rows["remat"][2], plain[2], 0.5), (rows["remat"][3], plain[3], 0.5)]
+    for (found, base, half_unit), change in zip(checks, (1, 3)):
+        assert float(match.group(change)) == pytest.approx(
+            100 * (found / base - 1), abs=rounding(found, base, half_unit)), lines[-1]
+    for case, group in (("remat", 5), ("ema", 7), ("layer_decay", 9)):
+        # ms ratio = inverse images/s ratio
+        ratio = plain[1] / rows[case][1]
+        assert float(match.group(group)) == pytest.approx(100 * (ratio - 1), rel=0.02, abs=0.5), case
