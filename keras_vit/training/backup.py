@@ -183,14 +183,15 @@ def state_bytes(model):
     """About the size of `model.save_weights`'s file: its variables and optimizer's, with room.
 
     Args:
-        model: a built, compiled `keras.Model`.
+        model: a built `keras.Model`, compiled or not.
 
     Returns:
         The bytes the check of free space asks for.
     """
     variables = list(model.weights)
-    if model.optimizer is not None:
-        variables += list(model.optimizer.variables)
+    optimizer = getattr(model, "optimizer", None)  # an uncompiled model has none
+    if optimizer is not None:
+        variables += list(optimizer.variables)
     data = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
     return int((data + _BYTES_PER_VARIABLE * len(variables)) * _SPACE_MARGIN)
 
@@ -507,7 +508,8 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
 
 
 class AtomicWeightsCheckpoint(keras.callbacks.Callback):
-    """Saves `model.save_weights` to `pattern.format(step=...)` at each epoch end, atomically.
+    """Saves `model.save_weights` to `pattern.format(step=...)` at each epoch end, atomically
+    (a `Distiller`'s: its student's).
 
     Keras's `ModelCheckpoint` writes the file in place, so a kill leaves a truncated one.
 
@@ -523,4 +525,7 @@ class AtomicWeightsCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         path = self.pattern.format(step=step)
-        write_weights_atomically(self.model, path, state_bytes(self.model))
+        # A Distiller's checkpoint is its student's weights: the teacher is not trained, and
+        # the file loads into the model that MODEL_DIR/model.keras holds.
+        model = getattr(self.model, "student", self.model)
+        write_weights_atomically(model, path, state_bytes(model))

@@ -9,11 +9,13 @@ flag, what it holds and what would be accepted.
 import dataclasses
 import re
 
+from keras_vit.training.distillation import DISTILLATION_KINDS
 from keras_vit.training.losses import LOSSES
 from keras_vit.training.optimizers import OPTIMIZERS, WEIGHT_DECAY_GROUPS
 from keras_vit.training.schedules import DECAYS
 from keras_vit.training.strategy import STRATEGIES
 from keras_vit.variants import POOLINGS, ViTConfig, parse_variant
+from pipelines.augment import AREA_RANGE, CROP_SAMPLERS
 from pipelines.compiled_ops import RESIZE_KERNELS
 from pipelines.errors import UserError
 
@@ -54,6 +56,11 @@ class TrainConfig:
     dropout_rate: float = _flag(0.0, "Dropout after embeddings, attention and MLP.")
     attention_dropout_rate: float = _flag(0.0, "Dropout on attention probabilities.")
     stochastic_depth_rate: float = _flag(0.0, "Drop-path rate of the last block.")
+    distillation_token: bool = _flag(
+        False, "A new model gets DeiT's distillation token and second head (a checkpoint "
+               "keeps its own tokens).")
+    remat: bool = _flag(
+        False, "Rematerialise each encoder block in the backward pass: less memory, more time.")
     train_data: str = _flag(
         "", "Converted directory, TFRecord pattern or tfds:NAME (pipelines.build_dataset).")
     eval_data: str = _flag("", "Same for evaluation; empty = no evaluation.")
@@ -73,7 +80,25 @@ class TrainConfig:
                      "transform); none: the eval preprocessing only, for data a crop or flip "
                      "would mislabel.", AUGMENTS)
     randaugment: str = _flag("", "'NUM_LAYERS,MAGNITUDE' such as '2,10'; empty = none.")
-    mixup_alpha: float = _flag(0.0, "Mixup Beta(alpha, alpha); 0 = none.")
+    mixup_alpha: float = _flag(0.0, "Mixup Beta(alpha, alpha); 0 = none (timm's Mixup).")
+    cutmix_alpha: float = _flag(0.0, "CutMix Beta(alpha, alpha); 0 = none (timm's Mixup).")
+    mixup_prob: float = _flag(
+        1.0, "Probability that a batch is mixed (mixup or CutMix) when either alpha is > 0.")
+    mixup_switch_prob: float = _flag(
+        0.5, "Probability of CutMix instead of mixup for a mixed batch when both alphas are > 0.")
+    random_erase: float = _flag(
+        0.0, "Probability of timm's RandomErasing per image (one box of per-pixel normal noise "
+             "in normalised units); 0 = none.")
+    aug_repeats: int = _flag(
+        1, "DeiT's repeated augmentation: each image K times in a row, differently augmented "
+           "(copies of one image share a batch unless they fall at its edge); 1 = none.")
+    crop_sampler: str = _flag(
+        "tensorflow", "Inception crop sampling: tensorflow (sample_distorted_bounding_box, "
+                      "Google's ViT code) or torchvision (RandomResizedCrop, timm and DeiT).",
+        CROP_SAMPLERS)
+    crop_min_area: float = _flag(
+        AREA_RANGE[0], "Smallest fraction of the image area an Inception crop keeps (big_vision "
+                       "0.05; torchvision/timm/DeiT 0.08).")
     resize_kernel: str = _flag(
         "auto", "Training resize+flip: compiled (a C++ op built on first use), tensorflow "
                 "(TF's ops), or auto (compiled where it builds). See docs/data.md.",
@@ -88,6 +113,28 @@ class TrainConfig:
     beta1: float = _flag(0.9, "Adam beta1.")
     beta2: float = _flag(0.999, "Adam beta2.")
     weight_decay: float = _flag(0.0, "Decoupled weight decay (w -= lr * wd * w); 0 = none.")
+    layer_decay: float = _flag(
+        0.0, "Layer-wise learning-rate decay F in (0, 1]: block i of L learns at F^(L - i) of "
+             "the rate, embeddings at F^(L + 1), the head at the full rate (BEiT/MAE, timm); "
+             "0 = none.")
+    ema_decay: float = _flag(
+        0.0, "Decay of an exponential moving average of the weights, evaluated beside them "
+             "(val_top1_ema); 0 = none.")
+    ema_warmup: bool = _flag(
+        False, "Warm the EMA decay up as timm's ModelEmaV3: min(--ema_decay, 1 - (1 + step)^(-2/3)).")
+    export_ema: bool = _flag(
+        False, "Save the EMA weights, not the raw ones, as MODEL_DIR/model.keras (needs "
+               "--ema_decay).")
+    teacher: str = _flag(
+        "", "DeiT distillation from this teacher: a .keras model of any architecture taking "
+            "[0, 255] pixels, a keras_vit model directory or checkpoint, or pretrained:NAME; "
+            "empty = none.")
+    distillation: str = _flag(
+        "hard", "soft (KL at --distillation_tau) or hard (the teacher's argmax) distillation.",
+        DISTILLATION_KINDS)
+    distillation_alpha: float = _flag(
+        0.5, "Weight of the distillation loss; the label loss gets 1 - alpha (DeiT).")
+    distillation_tau: float = _flag(1.0, "Temperature of soft distillation (DeiT).")
     weight_decay_exclude: tuple = _flag(
         WEIGHT_DECAY_GROUPS, "Variable groups without weight decay: bias, norm, embedding.")
     warmup_steps: int = _flag(500, "Updates of linear warmup.")
@@ -110,6 +157,9 @@ class TrainConfig:
     eval_every_steps: int = _flag(
         1000, "Evaluate every this many updates (a multiple of checkpoint_every_steps).")
     checkpoint_every_steps: int = _flag(1000, "Back up and checkpoint every this many updates.")
+    log_every_steps: int = _flag(
+        100, "Write training scalars (loss, learning rate, images/s) to TensorBoard every this "
+             "many updates.")
     keep_checkpoints: int = _flag(
         5, "Keep the newest N files in MODEL_DIR/checkpoints (0 = all).")
     seed: int = _flag(0, "Seed of initialization, data order and augmentation.")
@@ -185,7 +235,7 @@ def _check_counts(config):
     """Sizes, steps and intervals are positive; the ones where 0 means "none/auto" are >= 0."""
     for flag in ("image_size", "global_batch_size", "total_steps", "eval_every_steps",
                  "checkpoint_every_steps", "grad_accum_steps", "steps_per_execution",
-                 "shuffle_buffer"):
+                 "shuffle_buffer", "aug_repeats", "log_every_steps"):
         if getattr(config, flag) <= 0:
             _fail(flag, getattr(config, flag), "must be a positive integer.")
     for flag in ("num_classes", "representation_size", "warmup_steps", "eval_batch_size"):
@@ -205,10 +255,15 @@ def _check_choices(config, *flags):
 
 
 def _check_augment_options(config):
-    """RandAugment and mixup act on top of the crop+flip transform, not on eval preprocessing."""
-    if config.augment == "none" and (config.randaugment or config.mixup_alpha):
-        _fail("augment", config.augment,
-              "--randaugment and --mixup_alpha need --augment=crop_flip.")
+    """RandAugment, mixing, erasing and repeats act on top of the crop+flip transform, not on
+    the eval preprocessing (repeated copies of it would be identical)."""
+    if config.augment != "none":
+        return
+    for flag, unset in (("randaugment", ""), ("mixup_alpha", 0.0), ("cutmix_alpha", 0.0),
+                        ("random_erase", 0.0), ("aug_repeats", 1)):
+        if getattr(config, flag) != unset:
+            _fail("augment", config.augment, f"--{flag}={getattr(config, flag)!r} needs "
+                  "--augment=crop_flip.")
 
 
 def _check_weight_decay_exclude(config):
@@ -222,11 +277,19 @@ def _check_weight_decay_exclude(config):
 def _check_float_ranges(config):
     """Probabilities and decay rates are in [0, 1); rates, norms and coefficients are >= 0."""
     for flag in ("dropout_rate", "attention_dropout_rate", "stochastic_depth_rate",
-                 "label_smoothing"):
+                 "label_smoothing", "ema_decay"):
         if not 0.0 <= getattr(config, flag) < 1.0:
             _fail(flag, getattr(config, flag), "must be in [0, 1).")
+    for flag in ("mixup_prob", "mixup_switch_prob", "random_erase", "layer_decay",
+                 "distillation_alpha"):
+        if not 0.0 <= getattr(config, flag) <= 1.0:
+            _fail(flag, getattr(config, flag), "must be in [0, 1].")
+    if not 0.0 < config.crop_min_area <= 1.0:
+        _fail("crop_min_area", config.crop_min_area, "must be in (0, 1].")
+    if config.distillation_tau <= 0:
+        _fail("distillation_tau", config.distillation_tau, "must be > 0.")
     for flag in ("learning_rate", "weight_decay", "grad_clip_norm", "mixup_alpha",
-                 "end_learning_rate", "momentum"):
+                 "cutmix_alpha", "end_learning_rate", "momentum"):
         if getattr(config, flag) < 0:
             _fail(flag, getattr(config, flag), "must be >= 0.")
     for flag in ("beta1", "beta2"):
@@ -286,6 +349,24 @@ def _check_randaugment_format(config):
         _fail("randaugment", config.randaugment, "expected 'NUM_LAYERS,MAGNITUDE' such as '2,10'.")
 
 
+def _check_ema_and_distillation(config):
+    """EMA flags need --ema_decay; a distillation token needs a teacher and a new model."""
+    for flag in ("ema_warmup", "export_ema"):
+        if getattr(config, flag) and not config.ema_decay:
+            _fail(flag, True, "needs --ema_decay > 0 (the EMA to warm up or export).")
+    if config.distillation_token and not config.teacher:
+        _fail("distillation_token", True, "the distillation head learns from a teacher: pass "
+              "--teacher, or leave the token out.")
+    if config.distillation_token and parse_model_is_checkpoint(config.model):
+        _fail("distillation_token", True, f"--model={config.model!r} is a checkpoint, which "
+              "keeps its own tokens; the flag applies to a new model (a variant or custom size).")
+
+
+def parse_model_is_checkpoint(model):
+    """Does --model name a checkpoint (pretrained:, checkpoint:, npz:) rather than a new model?"""
+    return model.startswith(CHECKPOINT_PREFIXES)
+
+
 def _check_tpu(config):
     if config.strategy == "tpu" and not config.tpu:
         _fail("tpu", config.tpu, "--strategy=tpu needs --tpu (the TPU name or grpc:// address, "
@@ -308,7 +389,7 @@ def validate(config, num_replicas=1):
     """
     _check_model(config)
     _check_counts(config)
-    _check_choices(config, "pooling", "augment", "resize_kernel")
+    _check_choices(config, "pooling", "augment", "resize_kernel", "crop_sampler", "distillation")
     _check_augment_options(config)
     _check_choices(config, "optimizer", "decay", "loss", "mixed_precision", "strategy")
     _check_weight_decay_exclude(config)
@@ -318,5 +399,6 @@ def validate(config, num_replicas=1):
     _check_batch_divisibility(config, num_replicas)
     _check_chunks(config)
     _check_randaugment_format(config)
+    _check_ema_and_distillation(config)
     _check_tpu(config)
     return config

@@ -1,10 +1,11 @@
 """`train(config)`: one training run under a `tf.distribute` strategy with `model.fit`.
 
 Structure of a run (MODEL_DIR layout in keras_vit/loading.py and docs/training.md):
-  strategy from --strategy -> (optional) data conversion -> model, optimizer, loss, metrics
-  under strategy.scope() -> data through strategy.distribute_datasets_from_function(
-  pipelines.build_dataset) -> model.fit in Keras "epochs" of --checkpoint_every_steps updates
-  (atomic backup and checkpoints, TensorBoard, eval every --eval_every_steps) ->
+  strategy from --strategy -> (optional) data conversion -> model (inside DeiT's Distiller with
+  --teacher), optimizer (layer decay, EMA), loss, metrics under strategy.scope() -> data
+  through strategy.distribute_datasets_from_function(pipelines.build_dataset) -> model.fit in
+  Keras "epochs" of --checkpoint_every_steps updates (atomic backup and checkpoints,
+  TensorBoard every --log_every_steps, eval (and EMA eval) every --eval_every_steps) ->
   final evaluation -> results.json, model.keras, class_names.json (chief only).
 """
 
@@ -25,6 +26,8 @@ from keras_vit.model import create_model
 from keras_vit.sources import from_checkpoint
 from keras_vit.training import backup as backup_lib
 from keras_vit.training import callbacks as callbacks_lib
+from keras_vit.training import distillation
+from keras_vit.training import ema as ema_lib
 from keras_vit.training import strategy as strategy_lib
 from keras_vit.training.config import MIXED_PRECISION, ConfigError, parse_model, validate
 from keras_vit.training.losses import ClassificationLoss
@@ -70,7 +73,8 @@ def build_model(config, num_classes):
     checkpoint:PATH).
 
     Args:
-        config: the `TrainConfig` (model, image size, pooling, dropout rates).
+        config: the `TrainConfig` (model, image size, pooling, dropout rates, distillation
+            token, rematerialisation).
         num_classes: K, the width of the head.
 
     Returns:
@@ -79,43 +83,97 @@ def build_model(config, num_classes):
         input normalisation) and a new zero head where K differs from the checkpoint's.
     """
     parsed = parse_model(config.model)
-    dropout = dict(
+    training_options = dict(
         dropout_rate=config.dropout_rate,
         attention_dropout_rate=config.attention_dropout_rate,
         stochastic_depth_rate=config.stochastic_depth_rate,
+        remat=config.remat,
     )
     if isinstance(parsed, str):
         return from_checkpoint(parsed, image_size=config.image_size, num_classes=num_classes,
-                               **dropout)
+                               **training_options)
+    architecture = {"distillation_token": True} if config.distillation_token else {}
     return create_model(
         parsed,
         image_size=config.image_size,
         num_classes=num_classes,
         pooling=config.pooling,
         representation_size=config.representation_size or None,
-        **dropout,
+        **training_options,
+        **architecture,
     )
+
+
+def build_training_model(config, num_classes):
+    """`build_model`'s student, inside DeiT's `Distiller` when --teacher is set.
+
+    Returns:
+        (model to compile and fit, the student: the model that is evaluated and saved).
+    """
+    student = build_model(config, num_classes)
+    if not config.teacher:
+        return student, student
+    teacher = distillation.load_teacher(config.teacher, num_classes=num_classes,
+                                        image_size=config.image_size)
+    distiller = distillation.Distiller(student, teacher, kind=config.distillation,
+                                       alpha=config.distillation_alpha,
+                                       tau=config.distillation_tau)
+    return distiller, student
+
+
+def input_normalization(model):
+    """(mean, std): the per-channel [0, 255] pixel values the model normalises to 0 and 1.
+
+    Random erasing fills its box with `mean + std * N(0, 1)`, which the model's normalisation
+    turns into timm's N(0, 1) noise on normalised images.
+    """
+    layer = model.get_layer("rescale")
+    return (tuple(255.0 * m for m in layer.mean), tuple(255.0 * s for s in layer.std))
 
 
 #: --augment flag value -> `pipelines.build_dataset(augment=...)`.
 _AUGMENT_MODES = {"crop_flip": "inception_crop", "none": "none"}
 
 
-def make_datasets(config, strategy, num_classes, resume_step=0):
+def _augmentation_arguments(config, normalization):
+    """The `pipelines.build_dataset` arguments of the training augmentation flags."""
+    mean, std = normalization
+    return dict(
+        augment=_AUGMENT_MODES[config.augment],
+        randaugment=config.randaugment or None,
+        mixup_alpha=config.mixup_alpha,
+        cutmix_alpha=config.cutmix_alpha,
+        mixup_prob=config.mixup_prob,
+        mixup_switch_prob=config.mixup_switch_prob,
+        random_erase=config.random_erase,
+        erase_mean=mean,
+        erase_std=std,
+        aug_repeats=config.aug_repeats,
+        crop_sampler=config.crop_sampler,
+        crop_area_range=(config.crop_min_area, 1.0),
+        resize_kernel=config.resize_kernel,
+    )
+
+
+def make_datasets(config, strategy, num_classes, resume_step=0, normalization=None):
     """The training and evaluation data, distributed over `strategy`'s replicas.
 
     Args:
         config: the `TrainConfig` (data sources, splits, batch sizes, augmentation).
         strategy: the `tf.distribute.Strategy`; each input pipeline reads its own shard.
-        num_classes: K, for the labels (one-hot `(batch, K)` under mixup).
+        num_classes: K, for the labels (soft `(batch, K)` under mixup or CutMix).
         resume_step: the update step the run resumes from (0 for a new run); the training data
             then skips what those steps consumed (`examples_to_skip`).
+        normalization: (mean, std) of the model's input normalisation in [0, 255] pixels
+            (`input_normalization`), for random erasing; None: Google's (127.5, 127.5).
 
     Returns:
         (train, eval): distributed datasets of `(images, labels)` batches, per replica
         `micro_batch_size / replicas` images for training; eval is None without --eval_data.
     """
     tfds_dir = config.tfds_data_dir or None
+    augmentation = _augmentation_arguments(
+        config, normalization or ((127.5,) * 3, (127.5,) * 3))
 
     def train_fn(context):
         batch_size = context.get_per_replica_batch_size(config.micro_batch_size)
@@ -133,10 +191,7 @@ def make_datasets(config, strategy, num_classes, resume_step=0):
             num_classes=num_classes,
             shuffle_buffer=config.shuffle_buffer,
             cache=config.cache_data,
-            augment=_AUGMENT_MODES[config.augment],
-            randaugment=config.randaugment or None,
-            mixup_alpha=config.mixup_alpha,
-            resize_kernel=config.resize_kernel,
+            **augmentation,
             tfds_data_dir=tfds_dir,
             # The same seed in every input pipeline: pipelines that share files and keep
             # every n-th record must shuffle the file list identically.
@@ -164,10 +219,12 @@ def make_datasets(config, strategy, num_classes, resume_step=0):
 
 
 def compile_model(model, config, num_classes):
-    """Attaches optimizer (with the schedule), loss and top-1/top-5 metrics; call in scope.
+    """Attaches optimizer (with the schedule, layer decay and EMA), loss and top-1/top-5
+    metrics; call in scope.
 
     Args:
-        model: the `keras.Model` of `build_model`, built under the strategy's scope.
+        model: the `keras.Model` of `build_model` (or `build_training_model`'s Distiller),
+            built under the strategy's scope.
         config: the `TrainConfig` (optimizer, schedule, loss, compilation settings).
         num_classes: K; top-5 accuracy is tracked only when K > 5.
 
@@ -185,7 +242,7 @@ def compile_model(model, config, num_classes):
     optimizer = build_optimizer(
         config.optimizer,
         schedule,
-        model=model,
+        model=getattr(model, "student", model),  # a Distiller's teacher is not trained
         momentum=config.momentum,
         beta1=config.beta1,
         beta2=config.beta2,
@@ -193,6 +250,9 @@ def compile_model(model, config, num_classes):
         weight_decay_exclude=config.weight_decay_exclude,
         global_clipnorm=config.grad_clip_norm or None,
         gradient_accumulation_steps=config.grad_accum_steps,
+        layer_decay=config.layer_decay,
+        ema_decay=config.ema_decay,
+        ema_warmup=config.ema_warmup,
     )
     metrics = [TopKAccuracy(1)]
     if num_classes > 5:
@@ -226,13 +286,15 @@ def examples_to_skip(config, strategy, context, per_replica_batch, resume_step):
     return resume_step * config.grad_accum_steps * replicas_per_pipeline * per_replica_batch
 
 
-def make_callbacks(config, strategy, chief):
+def make_callbacks(config, strategy, chief, eval_data=None):
     """The callbacks of `fit`; the model directory's shared files are written by the chief only.
 
     Args:
-        config: the `TrainConfig` (model directory, batch and checkpoint settings).
+        config: the `TrainConfig` (model directory, batch, checkpoint, EMA and log settings).
         strategy: the run's strategy; each non-chief worker backs up into its own folder.
         chief: whether this process is the chief (see `strategy.is_chief`).
+        eval_data: the distributed eval dataset, for the EMA's evaluation beside the raw
+            weights' (--ema_decay); None without --eval_data.
 
     Returns:
         (callbacks, throughput): the list for `fit`, and its `StepAndThroughput`, whose
@@ -240,21 +302,27 @@ def make_callbacks(config, strategy, chief):
     """
     backup_dir = backup_directory(config, strategy, chief)
     throughput = callbacks_lib.StepAndThroughput(config.micro_batch_size, config.grad_accum_steps)
-    callbacks = [
-        throughput,
-        callbacks_lib.TerminateOnNaN(config.grad_accum_steps),
+    callbacks = [throughput, callbacks_lib.TerminateOnNaN(config.grad_accum_steps)]
+    if config.ema_decay and eval_data is not None:
+        # Before the loggers: it adds val_*_ema to the epoch's logs.
+        callbacks.append(ema_lib.EmaEvaluation(
+            eval_data, evaluate_callbacks=[callbacks_lib.QuietEndOfEvaluationData()]))
+    callbacks += [
         # Keras epoch = --checkpoint_every_steps updates, so a backup per epoch is per chunk.
         backup_lib.AtomicBackupAndRestore(backup_dir, config.checkpoint_every_steps),
         callbacks_lib.QuietEndOfEvaluationData(),
     ]
     if chief:
+        logs = os.path.join(config.model_dir, "logs")
         checkpoints = os.path.join(config.model_dir, "checkpoints")
         callbacks += [
             backup_lib.AtomicWeightsCheckpoint(
                 os.path.join(checkpoints, "ckpt-{step:07d}.weights.h5")),
             callbacks_lib.PruneCheckpoints(
                 os.path.join(checkpoints, "ckpt-*.weights.h5"), config.keep_checkpoints),
-            keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"), update_freq="epoch"),
+            callbacks_lib.StepScalars(logs, config.log_every_steps, config.grad_accum_steps,
+                                      global_batch_size=config.micro_batch_size),
+            keras.callbacks.TensorBoard(logs, update_freq="epoch"),
         ]
     return callbacks, throughput
 
@@ -263,8 +331,9 @@ def _create_strategy(config):
     """The strategy of --strategy, once the config is known to fit its replicas.
 
     Raises:
-        ConfigError: the batches do not split over its replicas, or --steps_per_execution > 1
-            under MultiWorkerMirroredStrategy.
+        ConfigError: the batches do not split over its replicas, --grad_accum_steps > 1
+            under a tf.distribute strategy (Keras's accumulation fails there), or
+            --steps_per_execution > 1 under MultiWorkerMirroredStrategy.
     """
     strategy = strategy_lib.create_strategy(config.strategy, config.tpu or None)
     validate(config, strategy.num_replicas_in_sync)
@@ -273,6 +342,14 @@ def _create_strategy(config):
         # ("You must feed a value for placeholder tensor ... multi_step_on_iterator").
         raise ConfigError(f"--steps_per_execution={config.steps_per_execution}: must be 1 under "
                           "MultiWorkerMirroredStrategy (Keras's multi-step loop fails there).")
+    if config.grad_accum_steps > 1 and strategy is not tf.distribute.get_strategy():
+        # Measured with Keras 3.15: its accumulation's `ops.cond` around the all-reduce fails
+        # under every tf.distribute strategy ("merge_call called while defining a new graph"),
+        # even a one-device MirroredStrategy.
+        raise ConfigError(
+            f"--grad_accum_steps={config.grad_accum_steps}: Keras's gradient accumulation fails "
+            f"under {type(strategy).__name__}; use --strategy=default (one device) with it, or "
+            "--grad_accum_steps=1 with a smaller --global_batch_size or --remat to fit memory.")
     logging.info("Strategy %s with %d replica(s); this process is %s.",
                  type(strategy).__name__, strategy.num_replicas_in_sync,
                  "the chief" if strategy_lib.is_chief(strategy) else "a worker")
@@ -332,12 +409,13 @@ def _dtype_policy(name):
 
 
 def _build_for_strategy(config, strategy, num_classes):
-    """The compiled model, its variables placed by `strategy`, ready for `fit`."""
+    """The compiled model (a Distiller with --teacher), its variables placed by `strategy`,
+    ready for `fit`, and the student inside it (the model itself without a teacher)."""
     with strategy.scope():
-        model = build_model(config, num_classes)
+        model, student = build_training_model(config, num_classes)
         compile_model(model, config, num_classes)
     fix_multi_worker_fit(model, strategy)
-    return model
+    return model, student
 
 
 def _fit(model, config, datasets, callbacks, verbose):
@@ -362,12 +440,17 @@ def _fit(model, config, datasets, callbacks, verbose):
     return time.perf_counter() - start
 
 
-def _final_evaluation(model, eval_data, verbose):
-    """The metrics of the trained model on --eval_data ({} without eval data)."""
+def _final_evaluation(model, config, eval_data, verbose):
+    """The metrics of the trained model on --eval_data ({} without eval data); with
+    --ema_decay, those of the EMA weights too, under "<name>_ema"."""
     if eval_data is None:
         return {}
-    return model.evaluate(eval_data, return_dict=True, verbose=verbose,
-                          callbacks=[callbacks_lib.QuietEndOfEvaluationData()])
+    quiet = [callbacks_lib.QuietEndOfEvaluationData()]
+    evaluation = model.evaluate(eval_data, return_dict=True, verbose=verbose, callbacks=quiet)
+    if config.ema_decay:
+        with_ema = ema_lib.evaluate_with_ema(model, eval_data, verbose=verbose, callbacks=quiet)
+        evaluation.update({f"{name}_ema": value for name, value in with_ema.items()})
+    return evaluation
 
 
 def _metric(logs, name):
@@ -375,12 +458,11 @@ def _metric(logs, name):
     return None if value is None else float(value)
 
 
-def _evaluation_results(evaluation):
-    return {
-        "eval_top1": _metric(evaluation, "top1"),
-        "eval_top5": _metric(evaluation, "top5"),
-        "eval_loss": _metric(evaluation, "loss"),
-    }
+def _evaluation_results(evaluation, config):
+    names = ("top1", "top5", "loss")
+    if config.ema_decay:
+        names += ("top1_ema", "top5_ema", "loss_ema")
+    return {f"eval_{name}": _metric(evaluation, name) for name in names}
 
 
 def _progress_results(model, config, throughput, train_seconds):
@@ -431,9 +513,11 @@ def train(config):
 
     Returns:
         The results dict, also written to MODEL_DIR/results.json by the chief: eval_top1,
-        eval_top5 (fractions in [0, 1]) and eval_loss (None without --eval_data), steps
-        (updates reached), resumed_from_step, train_images_per_sec, train_seconds, and what
-        the run ran on (batch, replicas, strategy, classes, library versions).
+        eval_top5 (fractions in [0, 1]) and eval_loss (None without --eval_data), with
+        --ema_decay also eval_top1_ema, eval_top5_ema and eval_loss_ema of the EMA weights;
+        steps (updates reached), resumed_from_step, train_images_per_sec, train_seconds,
+        saved_weights ("ema" with --export_ema, else "raw": which weights model.keras holds),
+        and what the run ran on (batch, replicas, strategy, classes, library versions).
 
     Raises:
         ConfigError: a bad setting (before any work starts when it can be told from flags).
@@ -449,17 +533,21 @@ def train(config):
     verbose = 1 if chief else 0
     keras.utils.set_random_seed(config.seed)
     with _dtype_policy(MIXED_PRECISION[config.mixed_precision] or "float32"):
-        model = _build_for_strategy(config, strategy, num_classes)
+        model, student = _build_for_strategy(config, strategy, num_classes)
         resume_step = backup_lib.newest_complete_step(backup_directory(config, strategy, chief))
-        datasets = make_datasets(config, strategy, num_classes, resume_step)
-        callbacks, throughput = make_callbacks(config, strategy, chief)
+        datasets = make_datasets(config, strategy, num_classes, resume_step,
+                                 input_normalization(student))
+        callbacks, throughput = make_callbacks(config, strategy, chief, datasets[1])
         train_seconds = _fit(model, config, datasets, callbacks, verbose)
-        evaluation = _final_evaluation(model, datasets[1], verbose)
+        evaluation = _final_evaluation(model, config, datasets[1], verbose)
         results = {
-            **_evaluation_results(evaluation),
+            **_evaluation_results(evaluation, config),
             **_progress_results(model, config, throughput, train_seconds),
             **_setup_results(config, strategy, num_classes, num_train),
+            "saved_weights": "ema" if config.export_ema else "raw",
         }
+        if config.export_ema:
+            ema_lib.copy_ema_into_model(model)
         if chief:
-            write_model_directory(model, class_names, results, config.model_dir)
+            write_model_directory(student, class_names, results, config.model_dir)
     return results
