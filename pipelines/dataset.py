@@ -369,6 +369,42 @@ def _never(*_):
     return tf.constant(False)
 
 
+def _nothing_readable(tally: _ShardTally) -> tf.Tensor:
+    """Bool scalar: every shard of the pipeline was read to its end and none gave a record.
+
+    Skip mode drops a shard's rest at a corrupt record; when that is every shard's first
+    record, a repeated training pass would cycle over the files forever without a batch.
+    """
+    every_shard_passed = tf.reduce_all(tally.passes.read_value() >= 1)
+    return tf.logical_and(every_shard_passed, tf.equal(tf.reduce_sum(tally.read.read_value()), 0))
+
+
+def _files_while_readable(ds, tally: _ShardTally):
+    """The file stream, ended once `_nothing_readable` (checked before each file is read)."""
+    return ds.take_while(lambda *_: tf.logical_not(_nothing_readable(tally)))
+
+
+def _then_refuse_if_nothing_was_read(ds, tally: _ShardTally):
+    """`ds`, then (when it ends) an error naming the shards if none gave a record.
+
+    Placed after the skip stage's `ignore_errors`, which would drop an error raised earlier:
+    a marker element runs the assertion and is filtered out, and `flat_map` of an empty
+    `ds` gives the marker `ds`'s element structure.
+    """
+    assertion_message = [
+        "Every TFRecord shard of this input pipeline ended before its first record (a corrupt "
+        "first record, CRC mismatch, or a read error), so it has no data to deliver:",
+        ", ".join(tally.files), "Re-create the shards with tools/convert_data.py."]
+
+    def check(marker):
+        refused = tf.debugging.Assert(tf.logical_not(_nothing_readable(tally)), assertion_message)
+        with tf.control_dependencies([refused]):
+            return tf.identity(marker)
+
+    marker = tf.data.Dataset.from_tensors(tf.constant(0)).map(check).filter(_never)
+    return ds.concatenate(marker.flat_map(lambda _: ds.take(0)))
+
+
 def _end_of_shard(record, _, *, path, index, expected, tally: _ShardTally, fail):
     """Counts a finished pass over shard `index`; fail mode asserts it delivered `expected`."""
     with tf.control_dependencies([tally.count_pass(index)]):
@@ -400,7 +436,7 @@ def _tfrecord_elements(files, plan, order: _RecordOrder, repeat_count=None):
         tf.constant(expected, tf.int64)))
     if order.training:
         ds = ds.shuffle(len(files), seed=order.seed, reshuffle_each_iteration=True)
-    ds = _repeat(ds, repeat_count)
+    ds = _files_while_readable(_repeat(ds, repeat_count), tally)
     read_shard = functools.partial(_read_shard, tally=tally, fail=fail)
     if not order.training:  # shard after shard: eval sees the examples in the order written
         return ds.flat_map(read_shard)
@@ -425,7 +461,8 @@ def _tfrecord_source(source, split, input_context, order, policy, repeat_files):
         repeat_files: repeat the file list `order.repeat_count` times (else read it once).
 
     Returns:
-        `(dataset of (serialized Example string, shard file name string), dataset info or None)`.
+        `(dataset of (serialized Example string, shard file name string), dataset info or None,
+        the pipeline's `_ShardTally`)`.
     """
     all_files, info = info_lib.resolve_shards(source, split)
     files, record_shard = _files_of_pipeline(all_files, input_context)
@@ -440,7 +477,7 @@ def _tfrecord_source(source, split, input_context, order, policy, repeat_files):
     elements = _tfrecord_elements(files, plan, order, file_repeat_count)
     if record_shard is not None:
         elements = elements.shard(record_shard.num_input_pipelines, record_shard.input_pipeline_id)
-    return elements, info
+    return elements, info, tally
 
 
 def _tfds_source(source, split, input_context, order, tfds_data_dir):
@@ -1020,8 +1057,10 @@ def build_dataset(
     repeat_files = not (from_tfds or cache)
     if from_tfds:
         elements, info = _tfds_source(source, split, input_context, order, tfds_data_dir)
+        tally = None
     else:
-        elements, info = _tfrecord_source(source, split, input_context, order, policy, repeat_files)
+        elements, info, tally = _tfrecord_source(source, split, input_context, order, policy,
+                                                 repeat_files)
     batching = _batching(info, batch_size, num_classes, label_offset, training, mix)
     augmentation = _Augmentation(
         mode=augment if training else "none",
@@ -1037,6 +1076,8 @@ def build_dataset(
 
     ds = _shuffle_and_repeat(elements, order, None if repeat_files else order.repeat_count)
     ds = _decode_records(ds, augmentation, policy, order, records_are_examples=not from_tfds)
+    if tally is not None and policy.mode == "skip":
+        ds = _then_refuse_if_nothing_was_read(ds, tally)
     ds = _resize_and_batch(ds, augmentation, randaug, batch_size, order)
     ds = _check_labels(ds, batching, policy.counter, order)
     if batching.fixed_shape:

@@ -60,6 +60,22 @@ def _saved_weights(model_dir):
     return [np.asarray(weight) for weight in model.weights]
 
 
+def _assert_killed_at_20_resumes_to_the_uninterrupted_model(flags, tmp_path):
+    """Trains `flags` (40 steps) whole, and killed right after the step-20 backup then resumed;
+    the two saved models must be equal to float rounding."""
+    whole = run_train(**flags, model_dir=tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = run_train(env=subprocess_env(**{backup.FAULT_ENV: "renamed:kill:20"}), **flags,
+                       model_dir=tmp_path / "resumed")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_train(**flags, model_dir=tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert results["resumed_from_step"] == 20 and results["steps"] == 40
+    for a, b in zip(_saved_weights(tmp_path / "whole"), _saved_weights(tmp_path / "resumed")):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_ema_run_reports_both_models_and_exports_the_chosen_one(digits, tmp_path):
     results = {}
@@ -87,17 +103,7 @@ def test_a_killed_recipe_run_resumes_to_the_uninterrupted_weights_and_ema(digits
     flags = TINY_FLAGS | RECIPE_FLAGS | dict(train_data=digits, eval_data=digits,
                                              total_steps=40, eval_every_steps=40,
                                              export_ema=True)
-    whole = run_train(**flags, model_dir=tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = run_train(env=subprocess_env(**{backup.FAULT_ENV: "renamed:kill:20"}), **flags,
-                       model_dir=tmp_path / "resumed")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = run_train(**flags, model_dir=tmp_path / "resumed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    results = json.loads((tmp_path / "resumed" / "results.json").read_text())
-    assert results["resumed_from_step"] == 20 and results["steps"] == 40
-    for a, b in zip(_saved_weights(tmp_path / "whole"), _saved_weights(tmp_path / "resumed")):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    _assert_killed_at_20_resumes_to_the_uninterrupted_model(flags, tmp_path)
 
 
 @pytest.mark.slow
@@ -133,17 +139,7 @@ def test_a_killed_distillation_run_resumes_to_the_uninterrupted_student(digits, 
                               eval_every_steps=40, pooling="token", distillation_token=True,
                               teacher=tmp_path / "teacher.keras", distillation="soft",
                               ema_decay=0.9, export_ema=True)
-    whole = run_train(**flags, model_dir=tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = run_train(env=subprocess_env(**{backup.FAULT_ENV: "renamed:kill:20"}), **flags,
-                       model_dir=tmp_path / "resumed")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = run_train(**flags, model_dir=tmp_path / "resumed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    results = json.loads((tmp_path / "resumed" / "results.json").read_text())
-    assert results["resumed_from_step"] == 20 and results["steps"] == 40
-    for a, b in zip(_saved_weights(tmp_path / "whole"), _saved_weights(tmp_path / "resumed")):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    _assert_killed_at_20_resumes_to_the_uninterrupted_model(flags, tmp_path)
 
 
 def test_a_teacher_with_other_classes_is_refused_naming_the_flag(digits, tmp_path):

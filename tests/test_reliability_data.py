@@ -99,6 +99,25 @@ def test_a_flipped_byte_in_training_is_counted(digits):
     assert counter.count == 169 and list(counter.shard_errors) == [str(digits / SHARD0)]
 
 
+def test_training_on_shards_corrupt_at_their_first_record_stops_instead_of_spinning(digits):
+    # Skip mode drops a shard's rest at a corrupt record; with every shard's first record
+    # corrupt a repeated pass would cycle over the files forever. Run in a subprocess so a
+    # regression fails on its timeout instead of hanging the suite.
+    for shard in (SHARD0, SHARD1):
+        flip_byte(digits / shard, 0, "payload")
+    script = (
+        "import sys, pipelines\n"
+        "ds = pipelines.build_dataset(sys.argv[1], split='test', training=True, image_size=8,"
+        " batch_size=4, seed=0)\n"
+        "next(iter(ds))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(digits)], capture_output=True,
+                            text=True, timeout=120, cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode != 0
+    assert "ended before its first record" in result.stderr, result.stderr[-2000:]
+    assert SHARD0 in result.stderr and SHARD1 in result.stderr
+
+
 @pytest.mark.parametrize("mode", ["skip", "fail"])
 def test_a_shard_that_ends_at_a_record_boundary_is_counted_or_refused(digits, mode):
     path = digits / SHARD1
