@@ -45,6 +45,7 @@ import numpy as np
 
 from keras_vit import layers as vit_layers
 from keras_vit.files import write_atomically
+from keras_vit.flexi import resample_patch_embedding
 from keras_vit.model import ModelOptions, create_model, model_options
 from keras_vit.posemb import resample
 from keras_vit.variants import ViTConfig
@@ -55,7 +56,7 @@ _ATTENTION = BLOCK_PREFIX + "/MultiHeadDotProductAttention_1"
 POSITION_EMBEDDING_KEY = "Transformer/posembed_input/pos_embedding"
 _BLOCK_PATTERN = re.compile(r"^Transformer/encoderblock_(\d+)/")
 _OVERRIDABLE = ("dropout_rate", "attention_dropout_rate", "stochastic_depth_rate", "include_top", "name",
-                "remat")
+                "remat", "dynamic_image_size")
 # What the arrays cannot say but a user may: for a position embedding whose length fits a
 # square grid with and without the prefix tokens.
 _LAYOUT_OVERRIDES = ("position_embedding_prefix",)
@@ -480,7 +481,8 @@ def check_finite(named_arrays, source, *, allow_non_finite=False):
         )
 
 
-def from_npz(path, *, image_size=None, num_classes=None, allow_non_finite=False, **overrides):
+def from_npz(path, *, image_size=None, num_classes=None, allow_non_finite=False, patch_size=None,
+             **overrides):
     """Builds a ViT from a Google checkpoint and loads its weights.
 
     Args:
@@ -490,8 +492,11 @@ def from_npz(path, *, image_size=None, num_classes=None, allow_non_finite=False,
         num_classes: None keeps the checkpoint's head. A different number drops the pre-logits
             layer and attaches a new zero-initialized head (the paper's fine-tuning recipe).
         **overrides: dropout_rate, attention_dropout_rate, stochastic_depth_rate,
-            include_top, name, remat, passed to `create_model`.
+            include_top, name, remat, dynamic_image_size, passed to `create_model`.
         allow_non_finite: load arrays holding NaN or Inf instead of refusing them.
+        patch_size: None keeps the checkpoint's; another P' resizes its patch embedding by
+            FlexiViT's pseudo-inverse (`keras_vit.resample_patch_embedding`) and resamples
+            the position grid to image_size / P' (image_size defaults to the checkpoint's).
 
     Returns:
         A `keras.Model` as `create_model` builds it, with the checkpoint's weights.
@@ -504,7 +509,8 @@ def from_npz(path, *, image_size=None, num_classes=None, allow_non_finite=False,
     _check_overrides("from_npz", overrides)
     arrays, options = canonical_arrays(load_npz(path), path)
     return build_model(arrays, path, options=options, image_size=image_size,
-                       num_classes=num_classes, allow_non_finite=allow_non_finite, **overrides)
+                       num_classes=num_classes, allow_non_finite=allow_non_finite,
+                       patch_size=patch_size, **overrides)
 
 
 def _check_overrides(function, overrides):
@@ -512,7 +518,7 @@ def _check_overrides(function, overrides):
     if unknown:
         raise TypeError(
             f"{function} got unexpected arguments {unknown}; the architecture is read from the "
-            f"checkpoint. Allowed: image_size, num_classes, "
+            f"checkpoint. Allowed: image_size, num_classes, patch_size, "
             f"{', '.join(_OVERRIDABLE + _LAYOUT_OVERRIDES)}."
         )
 
@@ -531,7 +537,7 @@ def as_float32(array, key, source):
 
 
 def build_model(arrays, source, *, options=None, image_size=None, num_classes=None,
-                allow_non_finite=False, **overrides):
+                allow_non_finite=False, patch_size=None, **overrides):
     """Builds the ViT that canonical-layout arrays describe and loads them into it.
 
     Args:
@@ -539,7 +545,7 @@ def build_model(arrays, source, *, options=None, image_size=None, num_classes=No
         source: the file or folder they come from, for messages.
         options: `create_model` options the arrays cannot say (GELU form, LayerNorm epsilon,
             input normalisation, eval crop, pooling, position-embedding coverage).
-        image_size, num_classes, allow_non_finite, **overrides: as `from_npz`.
+        image_size, num_classes, allow_non_finite, patch_size, **overrides: as `from_npz`.
 
     Returns:
         The `keras.Model`, with the arrays' weights.
@@ -557,6 +563,10 @@ def build_model(arrays, source, *, options=None, image_size=None, num_classes=No
         )
     if image_size is None:
         image_size = tuple(side * config.patch_size for side in spec["grid_size"])
+    arrays = dict(arrays)
+    if patch_size is not None and patch_size != config.patch_size:
+        arrays["embedding/kernel"], config = _resized_patches(arrays, config, patch_size,
+                                                              image_size, source)
     model = create_model(
         config,
         image_size=image_size,
@@ -566,7 +576,6 @@ def build_model(arrays, source, *, options=None, image_size=None, num_classes=No
         **spec["options"],
         **overrides,
     )
-    arrays = dict(arrays)
     position_layer = model.get_layer("position_embedding")
     if position_layer.grid_size != spec["grid_size"]:
         arrays[POSITION_EMBEDDING_KEY] = resample(
@@ -582,6 +591,22 @@ def build_model(arrays, source, *, options=None, image_size=None, num_classes=No
             keep_initial_prefixes=heads if new_head else (),
             allow_non_finite=allow_non_finite)
     return model
+
+
+def _resized_patches(arrays, config, patch_size, image_size, source):
+    """(`embedding/kernel` resized to patch_size by FlexiViT's PI-resize, the ViTConfig of
+    that patch size): `build_model(patch_size=...)`."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) \
+            or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}.")
+    sides = (image_size, image_size) if np.ndim(image_size) == 0 else tuple(image_size)
+    if any(side % patch_size for side in sides):
+        raise ValueError(
+            f"{source}: image_size {sides[0]}x{sides[1]} is no multiple of patch_size "
+            f"{patch_size}; pass an image_size divisible by it (the checkpoint's grid at the "
+            f"new patch size would be {sides[0] // patch_size}x{sides[1] // patch_size}).")
+    kernel = resample_patch_embedding(arrays["embedding/kernel"], int(patch_size))
+    return kernel, dataclasses.replace(config, patch_size=int(patch_size))
 
 
 def _assign(model, arrays, path, ignore_extra_prefixes=(), keep_initial_prefixes=(),

@@ -126,6 +126,9 @@ class PatchEmbedding(keras.layers.Layer):
         Returns:
             (B, N, D) with N = (height / P) · (width / P), the patches in row-major order.
         """
+        # A model of dynamic image size learns its sides only here; the strided convolution
+        # would silently drop the last rows and columns of a side that is no multiple of P.
+        check_patch_grid(ops.shape(images)[1:3], self.patch_size)
         patches = self.projection(images)
         return ops.reshape(patches, (ops.shape(patches)[0], -1, self.hidden_size))
 
@@ -138,6 +141,34 @@ class PatchEmbedding(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "patch_size": self.patch_size, "hidden_size": self.hidden_size}
+
+
+def check_patch_grid(image_sides, patch_size):
+    """Raises unless both image sides are positive multiples of the patch size.
+
+    Static sides (Python ints: a fixed-size model, eager calls, JAX) raise a ValueError now;
+    sides known only when the graph runs (a TensorFlow function or SavedModel traced for any
+    size) get an in-graph assertion with the same message, as keras.ops has no assert.
+
+    Args:
+        image_sides: (height, width), ints or scalar integer tensors.
+        patch_size: P, in pixels.
+    """
+    message = (f"Image height and width must be positive multiples of the patch size "
+               f"{patch_size}; resize or crop the images to such a size (e.g. "
+               f"{16 * patch_size}x{16 * patch_size}).")
+    for side_name, side in zip(("height", "width"), image_sides):
+        if side is None:
+            continue
+        if isinstance(side, int):
+            if side < patch_size or side % patch_size:
+                raise ValueError(f"{message} Got {side_name} {side}.")
+        elif keras.backend.backend() == "tensorflow":
+            import tensorflow as tf  # Only here: the graph-time check of a TF graph.
+
+            tf.debugging.assert_equal(
+                tf.logical_and(side >= patch_size, side % patch_size == 0), True,
+                message=f"{message} Got another {side_name}.")
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -196,23 +227,33 @@ class AddPositionEmbedding(keras.layers.Layer):
     grid. A model whose position embedding covers the patches only (big_vision, timm's
     `no_embed_class`) adds it before the prefix tokens are prepended, with num_prefix_tokens=0.
 
+    With `patch_size` set (`create_model(dynamic_image_size=True)`), the layer is called with
+    the model's images too and resamples the patch part of its weight, in the graph, to the
+    images' grid (height / P, width / P): the numbers `posemb.resample` gives offline
+    (`posemb.resample_ops`), as timm's `dynamic_img_size` and big_vision's flexi ViT resample
+    per call. At grid_size itself the weight is added as it is.
+
     Args:
-        grid_size: (rows, columns) of the patch grid.
+        grid_size: (rows, columns) of the patch grid the weight is trained for.
         num_prefix_tokens: tokens before the patches that have a position embedding.
+        patch_size: None for a fixed grid; else P, and `call` takes the images.
         **kwargs: passed to `keras.layers.Layer` (name, dtype).
     """
 
-    def __init__(self, grid_size, num_prefix_tokens=1, **kwargs):
+    def __init__(self, grid_size, num_prefix_tokens=1, patch_size=None, **kwargs):
         super().__init__(**kwargs)
         self.grid_size = tuple(int(side) for side in grid_size)
         self.num_prefix_tokens = int(num_prefix_tokens)
+        self.patch_size = None if patch_size is None else int(patch_size)
 
     @property
     def num_tokens(self):
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
 
-    def build(self, input_shape):
-        if input_shape[1] is not None and input_shape[1] != self.num_tokens:
+    def build(self, tokens_shape, images_shape=None):
+        input_shape = tokens_shape
+        fixed_length = self.patch_size is None and input_shape[1] is not None
+        if fixed_length and input_shape[1] != self.num_tokens:
             raise ValueError(
                 f"AddPositionEmbedding expects {self.num_tokens} tokens "
                 f"({self.num_prefix_tokens} prefix + {self.grid_size[0]}x{self.grid_size[1]} "
@@ -224,16 +265,35 @@ class AddPositionEmbedding(keras.layers.Layer):
             initializer=keras.initializers.RandomNormal(stddev=0.02),
         )
 
-    def call(self, tokens):
+    def call(self, tokens, images=None):
         """Adds the position embedding to every image's tokens.
 
         Args:
             tokens: (B, T, D).
+            images: with `patch_size` only: the model's images (B, height, width, C), whose
+                grid (height / P, width / P) the embedding is resampled to.
 
         Returns:
             (B, T, D): tokens + E_pos.
         """
-        return tokens + ops.cast(self.embedding, tokens.dtype)
+        if (self.patch_size is None) != (images is None):
+            raise ValueError(
+                f"AddPositionEmbedding {self.name!r} "
+                + ("takes the images (patch_size is set): call it as layer(tokens, images)."
+                   if images is None else "has a fixed grid (patch_size=None): call it as "
+                   "layer(tokens), without images."))
+        embedding = self.embedding
+        if images is not None:
+            sides = ops.shape(images)[1:3]
+            grid = tuple(side // self.patch_size for side in sides)
+            # Static sides equal to the built grid (a fixed-size call) skip the resample op.
+            if not all(isinstance(side, int) for side in grid) or grid != self.grid_size:
+                embedding = posemb.resample_ops(embedding, self.grid_size, grid,
+                                                self.num_prefix_tokens)
+        return tokens + ops.cast(embedding, tokens.dtype)
+
+    def compute_output_shape(self, tokens_shape, images_shape=None):
+        return tokens_shape
 
     def resampled(self, new_grid_size):
         """This layer's embedding resampled to a new patch grid (`posemb.resample`).
@@ -257,6 +317,7 @@ class AddPositionEmbedding(keras.layers.Layer):
             **super().get_config(),
             "grid_size": self.grid_size,
             "num_prefix_tokens": self.num_prefix_tokens,
+            "patch_size": self.patch_size,
         }
 
 

@@ -23,6 +23,7 @@ def create_model(
     name=None,
     weights=None,
     remat=False,
+    dynamic_image_size=False,
     **options,
 ):
     """Builds a Vision Transformer.
@@ -62,6 +63,15 @@ def create_model(
             27% more step time, bench/NOTES.md). The same weights, outputs and gradients;
             not an architecture option (`model_options` leaves it out); `set_remat`
             switches it on a built model.
+        dynamic_image_size: if True the model's input is (B, None, None, 3): any height and
+            width that are multiples of the patch size work at call time (timm's
+            `dynamic_img_size`). The position embedding, still trained for `image_size`'s
+            grid, is resampled in the graph to each call's grid, bilinearly, to the numbers
+            `posemb.resample` gives offline (`layers.AddPositionEmbedding`); at `image_size`
+            the model computes exactly what the fixed-size model does. Not an architecture
+            option (as remat: the weights are the same); a size that is no multiple of the
+            patch size raises a ValueError (or, in a graph traced for any size, fails its
+            assertion).
         **options: the choices other projects' ViTs made, each defaulting to Google's
             (`ModelOptions`): approximate_gelu, layer_norm_epsilon, input_mean, input_std,
             eval_crop_fraction, class_token, num_registers, distillation_token,
@@ -82,7 +92,7 @@ def create_model(
                             class_token_only=class_token_only)
         model = _pretrained(config, weights, architecture, image_size=image_size,
                             num_classes=num_classes, include_top=include_top, name=name,
-                            **regularisation)
+                            dynamic_image_size=dynamic_image_size, **regularisation)
         return set_remat(model, remat)
     image_size = 224 if image_size is None else image_size
     num_classes = 1000 if num_classes is None else num_classes
@@ -93,8 +103,10 @@ def create_model(
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
     height, width = image_shape(image_size, config.patch_size)
 
-    images = keras.Input((height, width, 3), name="images")
-    x = _embed(images, config, choices, dropout_rate)
+    images = keras.Input((None, None, 3) if dynamic_image_size else (height, width, 3),
+                         name="images")
+    x = _embed(images, config, choices, dropout_rate, grid_size=(
+        height // config.patch_size, width // config.patch_size), dynamic=dynamic_image_size)
     x = layers.Encoder(
         config.num_layers,
         config.num_heads,
@@ -203,17 +215,21 @@ def _class_token_only(pooling, class_token_only, choices):
     return class_token_only
 
 
-def _embed(images, config, choices, dropout_rate):
+def _embed(images, config, choices, dropout_rate, grid_size, dynamic=False):
     """Eq. 1: pixels (B, height, width, 3) in [0, 255] -> tokens (B, T, D).
 
     T = prefix tokens (class, distillation, registers, in that order) + patches.
+    grid_size: the patch grid (rows, columns) the position embedding is built for; with
+    `dynamic`, the embedding layer also takes the images, to resample to their grid.
     """
     x = layers.PixelNormalization(choices.input_mean, choices.input_std,
                                   choices.eval_crop_fraction, name="rescale")(images)
     x = layers.PatchEmbedding(config.patch_size, config.hidden_size, name="patch_embedding")(x)
-    grid_size = (images.shape[1] // config.patch_size, images.shape[2] // config.patch_size)
+    position = dict(patch_size=config.patch_size) if dynamic else {}
+    grid_images = (images,) if dynamic else ()
     if not choices.position_embedding_prefix:
-        x = layers.AddPositionEmbedding(grid_size, num_prefix_tokens=0, name="position_embedding")(x)
+        x = layers.AddPositionEmbedding(grid_size, num_prefix_tokens=0, name="position_embedding",
+                                        **position)(x, *grid_images)
     # Each layer prepends its tokens, so the last one called comes first.
     if choices.num_registers:
         x = layers.ClassToken(choices.num_registers, keras.initializers.RandomNormal(stddev=1e-6),
@@ -225,7 +241,8 @@ def _embed(images, config, choices, dropout_rate):
         x = layers.ClassToken(name="class_token")(x)
     if choices.position_embedding_prefix:
         x = layers.AddPositionEmbedding(
-            grid_size, num_prefix_tokens=choices.num_prefix_tokens, name="position_embedding")(x)
+            grid_size, num_prefix_tokens=choices.num_prefix_tokens, name="position_embedding",
+            **position)(x, *grid_images)
     return keras.layers.Dropout(dropout_rate, name="embedding_dropout")(x)
 
 
@@ -284,13 +301,14 @@ def _pretrained(config, weights, architecture, name=None, **arguments):
     from keras_vit.sources import from_checkpoint  # Here: sources imports this module.
 
     defaults = dict(pooling="token", representation_size=None, class_token_only=None)
+    dynamic = {"dynamic_image_size": True} if arguments.pop("dynamic_image_size", False) else {}
     given = sorted(key for key, value in architecture.items()
                    if key not in defaults or value != defaults[key])
     if given:
         raise TypeError(f"create_model(weights={weights!r}) takes its architecture from the "
                         f"checkpoint; drop {given} (image_size, num_classes, the dropout rates, "
                         "include_top and name are allowed).")
-    model = from_checkpoint(weights, **arguments, **({"name": name} if name else {}))
+    model = from_checkpoint(weights, **arguments, **dynamic, **({"name": name} if name else {}))
     found = model_config(model)
     if found != config:
         raise ValueError(f"weights={weights!r} is a {short_name(found)} model ({found}), not the "
@@ -307,7 +325,7 @@ def model_options(model):
     pooling = model.get_layer("pooling")
     head = _layer_or_none(model, "head")
     found = {
-        "image_size": tuple(model.input_shape[1:3]),
+        "image_size": built_image_size(model),
         "num_classes": None if head is None else int(model.output_shape[-1]),
         "pooling": "map" if isinstance(pooling, layers.AttentionPooling) else pooling.pooling,
         "representation_size": _units(_layer_or_none(model, "pre_logits")),
@@ -326,6 +344,16 @@ def model_options(model):
         key = name if name == "eval_crop_fraction" else f"input_{name}"
         found[key] = getattr(rescale, name, getattr(defaults, key))
     return found
+
+
+def built_image_size(model):
+    """(height, width) in pixels that `model`'s position embedding is built for: its input's,
+    or for a dynamic-size model (input (B, None, None, 3)) the grid times the patch size."""
+    height, width = model.input_shape[1:3]
+    if height is not None and width is not None:
+        return (height, width)
+    patch_size = model.get_layer("patch_embedding").patch_size
+    return tuple(side * patch_size for side in model.get_layer("position_embedding").grid_size)
 
 
 def _layer_or_none(model, name):
@@ -375,6 +403,8 @@ def attention_model(model):
     for layer in model.layers[1:]:
         if layer is encoder:
             x, outputs["attention"] = _EncoderWithAttention(encoder, name="encoder_with_attention")(x)
+        elif isinstance(layer, layers.AddPositionEmbedding) and layer.patch_size is not None:
+            x = layer(x, images)  # A dynamic-size model's embedding reads the images' grid.
         else:
             x = layer(x)
     outputs["logits" if model.layers[-1].name == "head" else "features"] = x

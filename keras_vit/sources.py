@@ -25,7 +25,7 @@ _READER_ARGUMENTS = ("num_heads",)
 
 
 def from_checkpoint(source, *, image_size=None, num_classes=None, allow_non_finite=False,
-                    **overrides):
+                    patch_size=None, **overrides):
     """Builds a ViT from a checkpoint of any supported layout and loads its weights.
 
     Args:
@@ -37,11 +37,16 @@ def from_checkpoint(source, *, image_size=None, num_classes=None, allow_non_fini
         num_classes: None keeps the checkpoint's head; another number attaches a new
             zero-initialised head (and drops pre-logits).
         allow_non_finite: load arrays holding NaN or Inf instead of refusing them.
+        patch_size: None keeps the checkpoint's; another P' loads it at patch size P'
+            (FlexiViT): the patch embedding resized by the pseudo-inverse of a bilinear
+            resize (`keras_vit.resample_patch_embedding`), the position grid resampled to
+            image_size / P'. On images upsampled by P' / P the model then computes nearly
+            what the checkpoint does on the originals.
         **overrides: dropout_rate, attention_dropout_rate, stochastic_depth_rate,
-            include_top, name, remat (passed to `create_model`); num_heads, for a timm
-            checkpoint whose architecture no config names; position_embedding_prefix, for
-            the rare checkpoint whose position embedding's length does not say whether it
-            covers the prefix tokens (the error says when).
+            include_top, name, remat, dynamic_image_size (passed to `create_model`);
+            num_heads, for a timm checkpoint whose architecture no config names;
+            position_embedding_prefix, for the rare checkpoint whose position embedding's
+            length does not say whether it covers the prefix tokens (the error says when).
 
     Returns:
         A `keras.Model` taking float32 RGB in [0, 255] (the checkpoint's input normalisation
@@ -57,7 +62,8 @@ def from_checkpoint(source, *, image_size=None, num_classes=None, allow_non_fini
     converted = read_checkpoint(source, image_size=image_size, **reader_arguments)
     return checkpoints.build_model(
         converted.arrays, converted.source, options=converted.options, image_size=image_size,
-        num_classes=num_classes, allow_non_finite=allow_non_finite, **overrides)
+        num_classes=num_classes, allow_non_finite=allow_non_finite, patch_size=patch_size,
+        **overrides)
 
 
 def read_checkpoint(source, *, image_size=None, num_heads=None):
