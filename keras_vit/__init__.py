@@ -31,9 +31,11 @@ from keras_vit.layers import (
     TokenPooling,
     TransformerBlock,
 )
+from keras_vit.features import feature_extractor
 from keras_vit.loading import load_classifier
 from keras_vit.model import ModelOptions, attention_model, create_model, set_remat
 from keras_vit.sources import from_checkpoint
+from keras_vit.flexi import resample_patch_embedding
 from keras_vit.posemb import resample as resample_position_embedding
 from keras_vit.variants import POOLINGS, VARIANTS, ViTConfig, parse_variant
 from pipelines.errors import MissingExtraError, MissingFileError, UserError

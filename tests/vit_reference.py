@@ -151,54 +151,109 @@ def forward(arrays, images, return_attention=False, *, approximate_gelu=True,
     token, else "gap" (the mean of the patch tokens, prefix tokens excluded, as timm's "avg").
     A distillation token's model outputs the mean of both heads (DeiT at inference).
     """
-    w = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
-    gelu = _gelu_tanh if approximate_gelu else _gelu_exact
-
-    def norm(prefix, x):
-        return _layer_norm(x, w[f"{prefix}/scale"], w[f"{prefix}/bias"], layer_norm_epsilon)
-
-    x = (np.asarray(images, np.float64) / 255.0 - np.asarray(input_mean)) / np.asarray(input_std)
-    z = _embed(w, x, position_embedding_prefix)
-    num_prefix = sum(w[key].shape[1] for key in ("cls", "dist", "reg") if key in w)
-    attention_maps = []
-    layer = 0
-    while f"Transformer/encoderblock_{layer}/LayerNorm_0/scale" in w:
-        block = f"Transformer/encoderblock_{layer}"
-        scales = [w.get(f"{block}/LayerScale_{i}/scale", 1.0) for i in (0, 1)]
-        # Eq. 2: z' = MSA(LN(z)) + z
-        y = norm(f"{block}/LayerNorm_0", z)
-        attended, probabilities = _attention(w, f"{block}/MultiHeadDotProductAttention_1", y, y)
-        attention_maps.append(probabilities)
-        z = z + scales[0] * attended
-        # Eq. 3: z = MLP(LN(z')) + z'
-        z = z + scales[1] * _mlp(w, f"{block}/MlpBlock_3", norm(f"{block}/LayerNorm_2", z), gelu)
-        layer += 1
-    if "Transformer/encoder_norm/scale" in w:
-        z = norm("Transformer/encoder_norm", z)
-    if pooling is None:
-        pooling = "map" if "MAPHead_0/probe" in w else "token" if "cls" in w else "gap"
-    if pooling == "map":
-        probe = np.broadcast_to(w["MAPHead_0/probe"], (z.shape[0], 1, z.shape[2]))
-        y, _ = _attention(w, "MAPHead_0/MultiHeadDotProductAttention_0", probe, z)
-        y = (y + _mlp(w, "MAPHead_0/MlpBlock_0", norm("MAPHead_0/LayerNorm_0", y), gelu))[:, 0]
-    elif pooling == "token":
-        y = z[:, 0]
-    else:
-        y = z[:, num_prefix:].mean(axis=1)
-    heads = [("head", y)]
-    if "dist" in w:
-        heads.append(("head_dist", z[:, 1]))
-    logits = []
-    for name, features in heads:
-        if "fc_norm/scale" in w:
-            features = norm("fc_norm", features)
-        if "pre_logits/kernel" in w:
-            features = np.tanh(features @ w["pre_logits/kernel"] + w["pre_logits/bias"])
-        logits.append(features @ w[f"{name}/kernel"] + w[f"{name}/bias"])
-    logits = sum(logits) / len(logits)
+    run = _Run(arrays, approximate_gelu, layer_norm_epsilon)
+    blocks, attention_maps = run.encode(images, input_mean, input_std, position_embedding_prefix)
+    heads = run.head_features(run.final_norm(blocks[-1]), pooling)
+    logits = sum(features @ run.w[f"{name}/kernel"] + run.w[f"{name}/bias"]
+                 for name, features in heads) / len(heads)
     if return_attention:
         return logits, np.stack(attention_maps, axis=1)
     return logits
+
+
+def representations(arrays, images, *, approximate_gelu=True, layer_norm_epsilon=1e-6,
+                    input_mean=(0.5, 0.5, 0.5), input_std=(0.5, 0.5, 0.5), pooling=None,
+                    position_embedding_prefix=True):
+    """What a ViT computes before its head, float64, for the same arguments as `forward`.
+
+    Returns a dict:
+        "blocks": every encoder block's output, first block first, each (B, T, D) with every
+            token (prefix tokens first), before any final norm.
+        "normed_blocks": the same through the final norm: the encoder's LayerNorm, or
+            `fc_norm` applied to every token where the model normalises after pooling.
+        "num_prefix_tokens": tokens before the patches.
+        "pre_logits": the features the head reads (B, D) or (B, representation_size); with
+            a distillation token the mean of the class and distillation features (timm's
+            `VisionTransformerDistilled.forward_head(pre_logits=True)`).
+    """
+    run = _Run(arrays, approximate_gelu, layer_norm_epsilon)
+    blocks, _ = run.encode(images, input_mean, input_std, position_embedding_prefix)
+    final = "Transformer/encoder_norm" if "Transformer/encoder_norm/scale" in run.w else "fc_norm"
+    heads = run.head_features(run.final_norm(blocks[-1]), pooling)
+    return {
+        "blocks": blocks,
+        "normed_blocks": [run.norm(final, z) for z in blocks],
+        "num_prefix_tokens": run.num_prefix,
+        "pre_logits": sum(features for _, features in heads) / len(heads),
+    }
+
+
+class _Run:
+    """One checkpoint's weights in float64 and the options that shape its computation."""
+
+    def __init__(self, arrays, approximate_gelu, layer_norm_epsilon):
+        self.w = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
+        self.gelu = _gelu_tanh if approximate_gelu else _gelu_exact
+        self.epsilon = layer_norm_epsilon
+        self.num_prefix = sum(self.w[key].shape[1] for key in ("cls", "dist", "reg")
+                              if key in self.w)
+
+    def norm(self, prefix, x):
+        return _layer_norm(x, self.w[f"{prefix}/scale"], self.w[f"{prefix}/bias"], self.epsilon)
+
+    def encode(self, images, input_mean, input_std, position_embedding_prefix):
+        """Pixels (B, H, W, 3) -> every block's output (B, T, D) and attention (B, H, T, T)."""
+        w = self.w
+        x = (np.asarray(images, np.float64) / 255.0 - np.asarray(input_mean)) / np.asarray(input_std)
+        z = _embed(w, x, position_embedding_prefix)
+        outputs, attention_maps = [], []
+        layer = 0
+        while f"Transformer/encoderblock_{layer}/LayerNorm_0/scale" in w:
+            block = f"Transformer/encoderblock_{layer}"
+            scales = [w.get(f"{block}/LayerScale_{i}/scale", 1.0) for i in (0, 1)]
+            # Eq. 2: z' = MSA(LN(z)) + z
+            y = self.norm(f"{block}/LayerNorm_0", z)
+            attended, probabilities = _attention(w, f"{block}/MultiHeadDotProductAttention_1", y, y)
+            attention_maps.append(probabilities)
+            z = z + scales[0] * attended
+            # Eq. 3: z = MLP(LN(z')) + z'
+            z = z + scales[1] * _mlp(w, f"{block}/MlpBlock_3",
+                                     self.norm(f"{block}/LayerNorm_2", z), self.gelu)
+            outputs.append(z)
+            layer += 1
+        return outputs, attention_maps
+
+    def final_norm(self, z):
+        """Eq. 4's LayerNorm of the encoder output, unless the model normalises after pooling."""
+        if "Transformer/encoder_norm/scale" in self.w:
+            return self.norm("Transformer/encoder_norm", z)
+        return z
+
+    def head_features(self, z, pooling):
+        """The encoder output (B, T, D) -> [(head name, the features it reads)]."""
+        w = self.w
+        if pooling is None:
+            pooling = "map" if "MAPHead_0/probe" in w else "token" if "cls" in w else "gap"
+        if pooling == "map":
+            probe = np.broadcast_to(w["MAPHead_0/probe"], (z.shape[0], 1, z.shape[2]))
+            y, _ = _attention(w, "MAPHead_0/MultiHeadDotProductAttention_0", probe, z)
+            y = (y + _mlp(w, "MAPHead_0/MlpBlock_0", self.norm("MAPHead_0/LayerNorm_0", y),
+                          self.gelu))[:, 0]
+        elif pooling == "token":
+            y = z[:, 0]
+        else:
+            y = z[:, self.num_prefix:].mean(axis=1)
+        heads = [("head", y)]
+        if "dist" in w:
+            heads.append(("head_dist", z[:, 1]))
+        pooled = []
+        for name, features in heads:
+            if "fc_norm/scale" in w:
+                features = self.norm("fc_norm", features)
+            if "pre_logits/kernel" in w:
+                features = np.tanh(features @ w["pre_logits/kernel"] + w["pre_logits/bias"])
+            pooled.append((name, features))
+        return pooled
 
 
 def relative_error(actual, expected):
