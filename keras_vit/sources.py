@@ -40,8 +40,9 @@ def from_checkpoint(source, *, image_size=None, num_classes=None, allow_non_fini
         patch_size: None keeps the checkpoint's; another P' loads it at patch size P'
             (FlexiViT): the patch embedding resized by the pseudo-inverse of a bilinear
             resize (`keras_vit.resample_patch_embedding`), the position grid resampled to
-            image_size / P'. On images upsampled by P' / P the model then computes nearly
-            what the checkpoint does on the originals.
+            image_size / P'. With image_size = the checkpoint's size x P' / P (the same
+            grid), the model computes on images upsampled by P' / P nearly what the
+            checkpoint does on the originals (tests/test_flexi.py).
         **overrides: dropout_rate, attention_dropout_rate, stochastic_depth_rate,
             include_top, name, remat, dynamic_image_size (passed to `create_model`);
             num_heads, for a timm checkpoint whose architecture no config names;

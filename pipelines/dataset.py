@@ -1038,7 +1038,8 @@ def build_dataset(
         CorruptShardError: a broken shard (truncated, corrupt framing, fewer records than
             dataset_info.json lists) with `on_bad_record="fail"`.
         tf.errors.InvalidArgumentError: (while iterating, fail mode) a corrupt record or a
-            shard that ends early, naming the shard.
+            shard that ends early, naming the shard; (training, skip mode) every shard of the
+            pipeline ended before its first record, naming the shards.
         CompiledOpError: `resize_kernel="compiled"` and the op cannot be built or loaded.
     """
     _check_settings(on_bad_record, augment, resize_kernel, batch_size, image_size)
@@ -1076,7 +1077,9 @@ def build_dataset(
 
     ds = _shuffle_and_repeat(elements, order, None if repeat_files else order.repeat_count)
     ds = _decode_records(ds, augmentation, policy, order, records_are_examples=not from_tfds)
-    if tally is not None and policy.mode == "skip":
+    if tally is not None and policy.mode == "skip" and order.training:
+        # Training repeats its files and would cycle over them forever; evaluation reads them
+        # once and counts what it skipped, as skip mode promises.
         ds = _then_refuse_if_nothing_was_read(ds, tally)
     ds = _resize_and_batch(ds, augmentation, randaug, batch_size, order)
     ds = _check_labels(ds, batching, policy.counter, order)
