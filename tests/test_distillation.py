@@ -9,11 +9,6 @@ training batch and never in evaluation (a counter variable inside it); a tiny st
 from a tiny CNN trained on sklearn digits reaches the teacher's test top-1 within a margin.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
@@ -472,26 +467,22 @@ def _mirrored_curve(strategy):
 def main():
     import tensorflow as tf
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    from tests.train_helpers import print_result, two_logical_cpus
+
+    mirrored = tf.distribute.MirroredStrategy(two_logical_cpus())
     out = {"replicas": mirrored.num_replicas_in_sync,
            "one": _mirrored_curve(tf.distribute.get_strategy()),
            "two": _mirrored_curve(mirrored)}
-    print("RESULT " + json.dumps(out))
+    print_result(out)
 
 
 @pytest.mark.slow
 def test_mirrored_strategy_over_two_devices_matches_one_device():
     """The teacher term is reduced as the compiled loss (1/replicas each): 2 replicas of 8
     give one device's 16-image loss and update."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, done.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    from tests.train_helpers import run_result_script
+
+    out = run_result_script(__file__)
     assert out["replicas"] == 2
     np.testing.assert_allclose(out["two"][0], out["one"][0], rtol=1e-5)
     np.testing.assert_allclose(out["two"][1], out["one"][1], rtol=1e-5)

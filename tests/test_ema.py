@@ -2,7 +2,6 @@
 warmup, once per update under gradient accumulation), saving and resuming it exactly, fit
 not overwriting the weights, and evaluating with it (also under MirroredStrategy)."""
 
-import json
 import subprocess
 import sys
 
@@ -218,13 +217,12 @@ def _run(strategy):
 
 
 def main():
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    from tests.train_helpers import print_result, two_logical_cpus
+
+    mirrored = tf.distribute.MirroredStrategy(two_logical_cpus())
     out = {"replicas": mirrored.num_replicas_in_sync,
            "one": _run(tf.distribute.get_strategy()), "two": _run(mirrored)}
-    print("RESULT " + json.dumps(out))
+    print_result(out)
 
 
 @pytest.mark.slow
@@ -233,13 +231,9 @@ def test_mirrored_matches_one_device():
     the EMA and val_loss_ema of one device. rtol 1e-4 on sums of |w| (measured 2e-5: float32
     all-reduce order); Keras's per-replica clipping, which `fused_optimizers` replaces, is off
     by 0.14."""
-    from tests.train_helpers import REPO, subprocess_env
+    from tests.train_helpers import run_result_script
 
-    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True,
-                            timeout=300, env=subprocess_env(), cwd=REPO)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, result.stderr[-3000:]
-    out = json.loads(lines[0][len("RESULT "):])
+    out = run_result_script(__file__)
     assert out["replicas"] == 2
     for key in ("weights", "ema", "val_loss_ema"):
         np.testing.assert_allclose(out["two"][key], out["one"][key], rtol=1e-4, err_msg=key)

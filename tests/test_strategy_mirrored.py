@@ -4,10 +4,6 @@ Logical devices must be configured before TensorFlow initializes, so the compari
 subprocess: `python tests/test_strategy_mirrored.py` prints JSON.
 """
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -38,11 +34,9 @@ def _curve(strategy, config):
 
 
 def main():
-    import tensorflow as tf
+    from tests.train_helpers import print_result, two_logical_cpus
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    two_logical_cpus()  # create_strategy("mirrored") then mirrors over both
     from keras_vit.training import TrainConfig, create_strategy
 
     config = TrainConfig(model="d32_l2_h4_m64_p4", image_size=16, pooling="gap",
@@ -53,18 +47,14 @@ def main():
     out = {"replicas": mirrored.num_replicas_in_sync}
     out["one"] = _curve(create_strategy("default"), config)
     out["two"] = _curve(mirrored, config)
-    print("RESULT " + json.dumps(out))
+    print_result(out)
 
 
 @pytest.mark.slow
 def test_two_logical_devices_match_one_device():
-    from tests.train_helpers import REPO, subprocess_env
+    from tests.train_helpers import run_result_script
 
-    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True,
-                            timeout=300, env=subprocess_env(), cwd=REPO)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, result.stderr[-3000:]
-    out = json.loads(lines[0][len("RESULT "):])
+    out = run_result_script(__file__)
     assert out["replicas"] == 2
     (loss_one, weights_one), (loss_two, weights_two) = out["one"], out["two"]
     assert len(loss_one) == len(loss_two) == STEPS

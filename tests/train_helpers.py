@@ -1,5 +1,6 @@
 """Shared pieces of the training tests: a tiny config, converted digits, subprocess runs."""
 
+import json
 import os
 import socket
 import subprocess
@@ -87,3 +88,33 @@ def newest_backup_step(model_dir):
     from keras_vit.training import backup
 
     return backup.newest_complete_step(os.path.join(model_dir, "backup"))
+
+
+# The line a test file's `main` prints its JSON result on, when the test runs it as a script.
+RESULT_PREFIX = "RESULT "
+
+
+def two_logical_cpus():
+    """Splits the CPU into 2 logical devices and returns their names, for a MirroredStrategy
+    over 2 replicas. Must run before TensorFlow initialises its devices: in the `main` of a
+    test file that a test runs in a subprocess (`run_result_script`)."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    return ["/cpu:0", "/cpu:1"]
+
+
+def print_result(result):
+    """Prints `result` as the JSON line `run_result_script` reads."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_result_script(path, timeout=300):
+    """Runs `python path` from the repository root (CPU only) and returns the JSON its `main`
+    printed with `print_result`; fails with the script's stderr when it printed none."""
+    result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                            timeout=timeout, env=subprocess_env(), cwd=REPO)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    assert lines, result.stderr[-3000:]
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
