@@ -52,7 +52,7 @@ def test_readme_main_command(tmp_path):
 
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["eval_top1"] >= 0.95, results
-    assert results["steps"] == 1200
+    assert results["steps"] == 1800
     # The 5-minute budget holds on an idle 2-core machine (148 s measured under load 7); allow
     # slack for a shared CI runner rather than fail on a busy neighbour.
     assert durations["tools/train.py"] < 600, durations
