@@ -137,3 +137,82 @@ def sample_images(count):
         with open(os.path.join(directory, name), "rb") as stream:
             images.append(stream.read())
     return images
+
+
+# As _TF_ONLY_SESSION, but fetching every output of each signature (features, explain's maps)
+# and reporting each signature's input shape as the SignatureDef declares it (-1: dynamic).
+_TF_ONLY_ALL_OUTPUTS = r"""
+import json, sys
+sys.modules["keras_vit"] = None
+sys.modules["pipelines"] = None
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2
+
+saved_model_dir, requests_path, answers_path, warmup_path = sys.argv[1:]
+session = tf.compat.v1.Session(graph=tf.Graph())
+with session.graph.as_default():
+    meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], saved_model_dir)
+runners = {}
+
+
+def run(signature, value):
+    definition = meta_graph.signature_def[signature]
+    names = sorted(definition.outputs)
+    if signature not in runners:
+        (input_info,) = definition.inputs.values()
+        options = config_pb2.CallableOptions(
+            feed=[input_info.name], fetch=[definition.outputs[name].name for name in names])
+        runners[signature] = session._make_callable_from_options(options)
+    try:
+        values = runners[signature](value)
+    except tf.errors.InvalidArgumentError as error:
+        return {"error": error.message, "code": "INVALID_ARGUMENT"}
+    return {name: (np.char.decode(v.astype(bytes)) if v.dtype == object else v).tolist()
+            for name, v in zip(names, values)}
+
+
+requests = np.load(requests_path, allow_pickle=True)
+answers = {key: run(key.split(":")[0], requests[key]) for key in requests.files}
+answers["input_shapes"] = {
+    name: [dim.size for dim in next(iter(definition.inputs.values())).tensor_shape.dim]
+    for name, definition in meta_graph.signature_def.items() if definition.inputs}
+warmup = []
+if warmup_path:
+    from tensorflow_serving.apis import prediction_log_pb2
+    for record in tf.data.TFRecordDataset(warmup_path).as_numpy_iterator():
+        request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+        (value,) = [tf.make_ndarray(proto) for proto in request.inputs.values()]
+        answer = run(request.model_spec.signature_name, value)
+        warmup.append({"signature": request.model_spec.signature_name,
+                       "inputs": list(request.inputs), "shape": list(value.shape),
+                       "outputs": sorted(answer)})
+answers["warmup"] = warmup
+answers["loaded_our_code"] = [m for m in ("keras_vit", "pipelines") if sys.modules.get(m)]
+with open(answers_path, "w") as stream:
+    json.dump(answers, stream)
+"""
+
+
+def serve_all_outputs_in_tensorflow_only_process(saved_model_dir, requests, directory,
+                                                 warmup_path=""):
+    """As `serve_in_tensorflow_only_process`, with every output of each signature.
+
+    Returns:
+        {case key: {output name: nested list (strings decoded)} or {"error", "code"}},
+        "input_shapes": {signature: its input's declared shape, -1 where dynamic},
+        "warmup": [{"signature", "inputs", "shape", "outputs": names answered (or "code",
+        "error")}] in file order.
+    """
+    requests_path, answers_path = str(directory / "requests.npz"), str(directory / "answers.json")
+    np.savez(requests_path, **requests)
+    result = subprocess.run(
+        [sys.executable, "-c", _TF_ONLY_ALL_OUTPUTS, saved_model_dir, requests_path,
+         answers_path, warmup_path],
+        capture_output=True, text=True, timeout=600, cwd=str(directory),
+        env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]  # -6 would be SIGABRT
+    with open(answers_path) as stream:
+        answers = json.load(stream)
+    assert answers.pop("loaded_our_code") == []
+    return answers

@@ -24,6 +24,7 @@ import pytest
 
 from keras_vit import serving
 from keras_vit.serving import export as export_module
+from keras_vit.serving import inputs as inputs_module
 from serving_helpers import encode_image as _encode, tiny_classifier
 
 IMAGE_SIZE = 16  # patch 4, grid 4
@@ -276,7 +277,7 @@ def test_every_bad_request_is_refused_and_the_next_good_one_answered(exported, t
 @pytest.mark.slow
 def test_without_the_checks_a_rank_2_request_kills_the_process(model, tmp_path, monkeypatch):
     """The harness reaches the kernels as TF Serving does: unchecked, the process aborts."""
-    monkeypatch.setattr(export_module, "_checked_pixels", lambda images, image_size: images)
+    monkeypatch.setattr(inputs_module, "checked_pixels", lambda images, *sizes: images)
     unchecked = serving.export_classifier(model, str(tmp_path / "unchecked"), top_k=2)
     requests_path = str(tmp_path / "requests.npz")
     np.savez(requests_path, **_good_requests(),

@@ -6,14 +6,17 @@ r"""Exports a trained classifier: a TF Serving SavedModel, or a LiteRT, ONNX or 
     python tools/export.py --model_dir=/tmp/run --format=onnx --output=/out/vit.onnx
     python tools/export.py --model_dir=/tmp/run --format=litert --precision=int8_full \
         --calibration_data=/data/in1k --output=/out/vit.tflite
+    python tools/export.py --model_dir=/tmp/run --export_dir=/models/vit \
+        --signatures=serving_default,predict_pixels,features,explain --features_output=spatial
     python tools/export.py --verify=/models/vit/3          # re-check an export, anywhere
 
 A SavedModel goes to EXPORT_DIR/<version>/ with the signatures serving_default (encoded
 images), predict_pixels (float32 [0, 255] pixels), predict_tf_example and predict_image_tensor,
-and TF Serving's warmup requests; the other formats take float32 `images` (batch, S, S, 3) in
-[0, 255]. Every export is run in its own runtime on a probe batch before it is published, and
-refused beyond its precision's bound; its manifest (keras_vit_export.json) is published with it
-(docs/serving.md).
+and TF Serving's warmup requests (--signatures adds `features`, a representation, and
+`explain`, top-k with the attention-rollout heat map); the other formats take float32
+`images` (batch, S, S, 3) in [0, 255]. Every export is run in its own runtime on a probe batch
+before it is published, and refused beyond its precision's bound; its manifest
+(keras_vit_export.json) is published with it (docs/serving.md).
 """
 
 import dataclasses
@@ -26,7 +29,7 @@ import keras_vit_tools  # noqa: F401  (first: the TF backend, a quiet TF start-u
 import keras_vit
 from keras_vit import cli, serving
 from keras_vit.serving import export as export_lib
-from keras_vit.serving import manifest, verified
+from keras_vit.serving import manifest, representations, verified
 
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Training model directory (model.keras, class_names.json).")
@@ -69,6 +72,23 @@ _MAX_IMAGE_PIXELS = flags.DEFINE_integer(
     "max_image_pixels", export_lib.DEFAULT_MAX_IMAGE_PIXELS,
     "serving_default refuses images whose header declares more pixels (height x width), "
     "before decoding them; 0 for no cap.", lower_bound=0)
+_SIGNATURES = flags.DEFINE_list(
+    "signatures", list(serving.DEFAULT_SIGNATURES), "saved_model: the signatures to export, of "
+    f"{', '.join(serving.ALL_SIGNATURES)}; serving_default and predict_pixels are always "
+    "exported (TF Serving's default; the export is verified through predict_pixels).")
+_FEATURES_OUTPUT = flags.DEFINE_enum(
+    "features_output", representations.DEFAULT_FEATURES_OUTPUT,
+    ["pre_logits", "tokens", "spatial"], "features signature: the pooled features the head "
+    "reads (batch, D), a block's patch tokens (batch, N, D), or their map (batch, S/P, S/P, D).")
+_FEATURES_BLOCK = flags.DEFINE_integer(
+    "features_block", None, "features signature, tokens/spatial: the encoder block (negative "
+    "from the end); default the last.")
+_FEATURES_NORM = flags.DEFINE_bool(
+    "features_norm", False, "features signature, tokens/spatial: through the final LayerNorm.")
+_EXPLAIN_RESIDUAL_WEIGHT = flags.DEFINE_float(
+    "explain_residual_weight", representations.DEFAULT_RESIDUAL_WEIGHT,
+    "explain signature: rollout weight of the identity added to each attention map (as "
+    "tools/visualize.py --residual_weight).")
 _ALLOW_NON_FINITE = flags.DEFINE_bool(
     "allow_non_finite_weights", False, "Load a model whose weights hold NaN or Inf (refused by "
     "default).")
@@ -81,6 +101,8 @@ def main(argv):
         return
     source = _source()
     verified.check_format(_FORMAT.value, _PRECISION.value)
+    signatures = export_lib.checked_signatures(_SIGNATURES.value)
+    options = _representation_options()  # checked before the model is loaded
     model, class_names = keras_vit.load_classifier(
         source, image_size=_IMAGE_SIZE.value, num_classes=_NUM_CLASSES.value,
         class_names_path=_CLASS_NAMES.value, allow_non_finite=_ALLOW_NON_FINITE.value)
@@ -92,9 +114,10 @@ def main(argv):
             class_names=class_names, version=_VERSION.value,
             central_crop_fraction=_CENTRAL_CROP_FRACTION.value,
             max_image_pixels=_MAX_IMAGE_PIXELS.value or None,
-            warmup_batch_sizes=tuple(int(size) for size in _WARMUP_BATCH_SIZES.value))
-        path, summary = exported.path, {**dataclasses.asdict(exported),
-                                        "signatures": list(serving.SIGNATURES)}
+            warmup_batch_sizes=tuple(int(size) for size in _WARMUP_BATCH_SIZES.value),
+            signatures=signatures, **options)
+        path, summary = exported.path, dataclasses.asdict(exported)
+        summary["signatures"] = list(summary["signatures"])
         del summary["path"]
     else:
         path, record = verified.export_verified(
@@ -117,13 +140,30 @@ def _source():
     if not needed.value or other.value:
         raise app.UsageError(f"--format={_FORMAT.value} writes to --{needed.name}, not "
                              f"--{other.name}.")
+    saved_model_only = [flag.name for flag in (_SIGNATURES, _FEATURES_OUTPUT, _FEATURES_BLOCK,
+                                               _FEATURES_NORM, _EXPLAIN_RESIDUAL_WEIGHT)
+                        if flag.present]
+    if _FORMAT.value != "saved_model" and saved_model_only and (
+            saved_model_only != ["signatures"]
+            or tuple(_SIGNATURES.value) != serving.DEFAULT_SIGNATURES):
+        raise app.UsageError(
+            f"--format={_FORMAT.value} has one interface, predict_pixels' (images in, top-k "
+            f"out); --{', --'.join(saved_model_only)} apply to --format=saved_model only.")
     return _MODEL_DIR.value or _CHECKPOINT.value
+
+
+def _representation_options():
+    """The features and explain signatures' options from their flags."""
+    return dict(
+        feature_options=representations.FeatureOptions(
+            _FEATURES_OUTPUT.value, _FEATURES_BLOCK.value, _FEATURES_NORM.value),
+        explain_options=representations.ExplainOptions(_EXPLAIN_RESIDUAL_WEIGHT.value))
 
 
 def _common(model, source):
     probe = None
     if _PROBE_IMAGES.value:
-        probe = manifest.probe_images(int(model.input_shape[1]), _PROBE_IMAGES.value)
+        probe = manifest.probe_images(export_lib.served_image_size(model), _PROBE_IMAGES.value)
     return dict(precision=_PRECISION.value, source=_file_read(source), probe_images=probe,
                 top_k=_TOP_K.value)
 
@@ -152,7 +192,7 @@ def _calibration_images(model):
 
     dataset = pipelines.build_dataset(
         _CALIBRATION_DATA.value, split=_CALIBRATION_SPLIT.value,
-        image_size=int(model.input_shape[1]), batch_size=_CALIBRATION_EXAMPLES.value,
+        image_size=export_lib.served_image_size(model), batch_size=_CALIBRATION_EXAMPLES.value,
         training=False)  # the images only: the labels may be of another task
     images, _ = next(iter(dataset))
     return np.asarray(images, np.float32)

@@ -8,12 +8,16 @@
         assets.extra/tf_serving_warmup_requests   TF Serving's warmup requests (`warmup`)
       2/ ...
 
-Signatures (batch dimension dynamic, -1 in `saved_model_cli`):
+Signatures (batch dimension dynamic, -1 in `saved_model_cli`); `signatures=` picks among
+them and `features` and `explain` (`representations`), serving_default and predict_pixels
+always exported:
 
     serving_default       image_bytes: string (batch,)  JPEG/PNG/GIF/BMP of any size, decoded
                           and resized in the graph by `pipelines.preprocess_for_eval`, the
                           evaluation preprocessing itself
-    predict_pixels        images: float32 (batch, size, size, 3), RGB in [0, 255]
+    predict_pixels        images: float32 (batch, size, size, 3), RGB in [0, 255]; a
+                          dynamic-size model's (batch, height, width, 3), any multiple of the
+                          patch (the others resize to the size it was built for)
     predict_tf_example    tf_examples: string (batch,) serialized tf.train.Example, the image's
                           bytes under `pipelines.records.IMAGE_ENCODED` (`image/encoded`, as in
                           the training records and TF Model Garden's export); then as
@@ -29,7 +33,8 @@ Signatures (batch dimension dynamic, -1 in `saved_model_cli`):
 Every request is validated in the graph before any kernel that could abort the process (a
 mis-ranked tensor reaching Conv2D fails a CHECK in TensorFlow and kills the server): TF Serving
 feeds the signature's tensors to the session without checking them against the signature's
-shape. A bad request fails with INVALID_ARGUMENT naming the input; see docs/serving.md.
+shape. A bad request fails with INVALID_ARGUMENT naming the input (`inputs`); see
+docs/serving.md.
 
 Built with `keras.export.ExportArchive`, without `track(model)`: the archive then tracks the
 variables its endpoints use, once. Tracking the model as well makes Keras 3.15 write every
@@ -50,23 +55,28 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-import pipelines
 from keras_vit.class_names import fallback_class_names
 from keras_vit.inference import eval_crop_fraction
+from keras_vit.model import built_image_size
 from keras_vit.serving import precision as precision_lib
-from keras_vit.serving import warmup
+from keras_vit.serving import inputs, representations, warmup
+from keras_vit.serving.representations import ExplainOptions, FeatureOptions
 from keras_vit.serving.signatures import (
+    ALL_SIGNATURES,
     BYTES_INPUT,
     CLASS_NAMES_ASSET,
+    DEFAULT_SIGNATURES,
+    EXPLAIN_SIGNATURE,
+    FEATURES_SIGNATURE,
     IMAGE_TENSOR_INPUT,
     IMAGE_TENSOR_SIGNATURE,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
+    REQUIRED_SIGNATURES,
     SERVING_SIGNATURE,
     TF_EXAMPLE_INPUT,
     TF_EXAMPLE_SIGNATURE,
 )
-from pipelines import preprocess, records
 from pipelines.errors import UserError
 
 # Variables may exceed the weights by the checkpoint index (names, shapes, checksums): 10% plus
@@ -99,6 +109,7 @@ class ExportedModel:
     max_image_pixels: int | None = None  # serving_default's cap on decoded pixels (None: none)
     precision: str = "float32"  # of the stored weights and the compute: float32 or bfloat16
     warmup_requests: int = 0  # records in assets.extra/tf_serving_warmup_requests (0: no file)
+    signatures: tuple[str, ...] = DEFAULT_SIGNATURES  # in the order the SavedModel lists them
 
 
 def existing_versions(export_dir: str) -> list[int]:
@@ -136,14 +147,45 @@ def variables_bytes(saved_model_dir: str) -> int:
     )
 
 
-def _square_image_size(model: keras.Model) -> int:
+def served_image_size(model: keras.Model) -> int:
+    """The side S the signatures resize images to: the model's input side, or for a
+    dynamic-size model (input (batch, None, None, 3)) the side it was built for
+    (`keras_vit.model.built_image_size`); an ExportError unless square RGB."""
     shape = tuple(model.input_shape)
-    if len(shape) != 4 or shape[-1] != 3 or shape[1] is None or shape[1] != shape[2]:
+    size = None
+    if len(shape) == 4 and shape[-1] == 3:
+        try:
+            size = built_image_size(model) if None in shape[1:3] else shape[1:3]
+        except ValueError:  # no patch embedding: not a dynamic-size ViT
+            size = None
+    if size is None or size[0] != size[1]:
+        built = "" if size is None or size == shape[1:3] else f", built for {size}"
         raise ExportError(
             f"Expected a model taking square RGB images (batch, size, size, 3); {model.name} "
-            f"takes {shape}. The serving signature resizes to a square, as the eval pipeline does."
-        )
-    return int(shape[1])
+            f"takes {shape}{built}. The serving signature resizes to a square, as the eval "
+            "pipeline does.")
+    return int(size[0])
+
+
+def dynamic_patch_size(model: keras.Model) -> int | None:
+    """The patch side of a dynamic-size model (input height and width None), else None."""
+    if None not in tuple(model.input_shape)[1:3]:
+        return None
+    return int(model.get_layer("patch_embedding").patch_size)
+
+
+def checked_signatures(signatures) -> tuple[str, ...]:
+    """`signatures` with REQUIRED_SIGNATURES added, in ALL_SIGNATURES order; an ExportError
+    naming unknown ones and the valid names."""
+    if isinstance(signatures, str):
+        signatures = [signatures]
+    asked = [str(name).strip() for name in signatures]
+    unknown = [name for name in asked if name not in ALL_SIGNATURES]
+    if unknown:
+        raise ExportError(
+            f"Unknown signature(s) {', '.join(map(repr, unknown))}: the signatures are "
+            f"{', '.join(ALL_SIGNATURES)} ({', '.join(REQUIRED_SIGNATURES)} always exported).")
+    return tuple(name for name in ALL_SIGNATURES if name in asked or name in REQUIRED_SIGNATURES)
 
 
 def _check_class_names(class_names, num_classes: int) -> list[str]:
@@ -183,12 +225,16 @@ def build_archive(
     top_k: int,
     central_crop_fraction: float | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    signatures=DEFAULT_SIGNATURES,
+    feature_options: FeatureOptions = FeatureOptions(),
+    explain_options: ExplainOptions = ExplainOptions(),
 ) -> keras.export.ExportArchive:
-    """An `ExportArchive` holding `model` behind the four serving signatures.
+    """An `ExportArchive` holding `model` behind the serving signatures.
 
     Args:
         model: a classifier taking float32 (batch, size, size, 3) images in [0, 255] and
-            returning logits (batch, num_classes), as `keras_vit.create_model` builds.
+            returning logits (batch, num_classes), as `keras_vit.create_model` builds; or a
+            dynamic-size one (batch, None, None, 3) built for a square size.
         class_names_path: text file with one class name per line; becomes the SavedModel asset
             the `labels` output reads.
         top_k: number of best classes in `classes`, `scores` and `labels`, at most num_classes.
@@ -198,82 +244,69 @@ def build_archive(
         max_image_pixels: `serving_default` and `predict_tf_example` refuse an image whose
             header declares more pixels (height x width), before decoding it, and
             `predict_image_tensor` an image tensor of more; None: no cap.
+        signatures: names of ALL_SIGNATURES to export (`checked_signatures` adds the required).
+        feature_options: what `features` returns (`representations.FeatureOptions`).
+        explain_options: how `explain` rolls attention out (`representations.ExplainOptions`).
     """
-    image_size = _square_image_size(model)
+    image_size = served_image_size(model)
+    patch_size = dynamic_patch_size(model)
     central_crop_fraction = eval_crop_fraction(model, central_crop_fraction)
     table = _label_table(class_names_path)
-    classify = _classifier(model, table, image_size, top_k)
-    decode = _decoder(image_size, central_crop_fraction, max_image_pixels)
+    top_k_outputs = _top_k_outputs(table, top_k)
+    classify = _classifier(model, top_k_outputs)
+    decode = inputs.decoder(image_size, central_crop_fraction, max_image_pixels)
 
-    def serve_image_bytes(image_bytes):
-        image_bytes = _checked_rank(image_bytes, 1, f"{SERVING_SIGNATURE}: input `{BYTES_INPUT}` "
-                                    "must be a string vector (batch,) of encoded images")
-        return classify(decode(image_bytes, BYTES_INPUT))
+    def decoded(name):
+        def serve(image_bytes):
+            image_bytes = inputs.checked_rank(image_bytes, 1, f"{name}: input `{BYTES_INPUT}` "
+                                        "must be a string vector (batch,) of encoded images")
+            return endpoints[name](decode(image_bytes, BYTES_INPUT))
+        return serve
 
     def serve_pixels(images):
-        return classify(_checked_pixels(images, image_size))
+        return classify(inputs.checked_pixels(images, image_size, patch_size))
 
     def serve_tf_examples(tf_examples):
-        return classify(decode(_parsed_image_bytes(tf_examples), TF_EXAMPLE_INPUT))
+        return classify(decode(inputs.parsed_image_bytes(tf_examples), TF_EXAMPLE_INPUT))
 
     def serve_image_tensor(image_tensor):
-        image_tensor = _checked_image_tensor(image_tensor, max_image_pixels)
-        return classify(_cropped_and_resized(image_tensor, image_size, central_crop_fraction))
+        image_tensor = inputs.checked_image_tensor(image_tensor, max_image_pixels)
+        return classify(inputs.cropped_and_resized(image_tensor, image_size, central_crop_fraction))
 
+    endpoints = {SERVING_SIGNATURE: classify}
+    signatures = checked_signatures(signatures)
+    if FEATURES_SIGNATURE in signatures:
+        endpoints[FEATURES_SIGNATURE] = representations.features_function(model, feature_options)
+    if EXPLAIN_SIGNATURE in signatures:
+        endpoints[EXPLAIN_SIGNATURE] = representations.explain_function(
+            model, top_k_outputs, explain_options, image_size)
+    side = None if patch_size else image_size
+    bytes_spec = tf.TensorSpec([None], tf.string, BYTES_INPUT)
+    functions = {
+        SERVING_SIGNATURE: (decoded(SERVING_SIGNATURE), bytes_spec),
+        PIXELS_SIGNATURE: (serve_pixels,
+                           tf.TensorSpec([None, side, side, 3], tf.float32, PIXELS_INPUT)),
+        TF_EXAMPLE_SIGNATURE: (serve_tf_examples,
+                               tf.TensorSpec([None], tf.string, TF_EXAMPLE_INPUT)),
+        IMAGE_TENSOR_SIGNATURE: (serve_image_tensor, tf.TensorSpec(
+            [None, None, None, 3], tf.uint8, IMAGE_TENSOR_INPUT)),
+        FEATURES_SIGNATURE: (decoded(FEATURES_SIGNATURE), bytes_spec),
+        EXPLAIN_SIGNATURE: (decoded(EXPLAIN_SIGNATURE), bytes_spec),
+    }
     archive = keras.export.ExportArchive()
     # The table is a resource the signatures capture; tracking it saves it with its asset.
     archive.track(table)
     # serving_default first and by name, so Keras does not alias the first endpoint to it.
-    for name, function, spec in (
-            (SERVING_SIGNATURE, serve_image_bytes, tf.TensorSpec([None], tf.string, BYTES_INPUT)),
-            (PIXELS_SIGNATURE, serve_pixels,
-             tf.TensorSpec([None, image_size, image_size, 3], tf.float32, PIXELS_INPUT)),
-            (TF_EXAMPLE_SIGNATURE, serve_tf_examples,
-             tf.TensorSpec([None], tf.string, TF_EXAMPLE_INPUT)),
-            (IMAGE_TENSOR_SIGNATURE, serve_image_tensor,
-             tf.TensorSpec([None, None, None, 3], tf.uint8, IMAGE_TENSOR_INPUT))):
+    for name in signatures:
+        function, spec = functions[name]
         archive.add_endpoint(name, function, input_signature=[spec])
     return archive
 
 
-def _decoder(image_size, central_crop_fraction, max_image_pixels):
-    """(string (batch,) encoded images, input name) -> float32 (batch, size, size, 3), each by
-    `pipelines.preprocess_for_eval`; an error names the image as `<input name>[i]`."""
+def _top_k_outputs(table, top_k):
+    """logits float32 (batch, K) -> the four outputs every classifying signature returns."""
 
-    def decode(image_bytes, input_name):
-        def preprocess_one(args):
-            one_image, index = args
-            return pipelines.preprocess_for_eval(
-                one_image, image_size, central_crop_fraction,
-                context=tf.strings.format(input_name + "[{}]", index),
-                max_image_pixels=max_image_pixels,
-            )
-
-        indices = tf.range(tf.shape(image_bytes, out_type=tf.int64)[0])
-        return tf.map_fn(
-            preprocess_one,
-            (image_bytes, indices),
-            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
-        )
-
-    return decode
-
-
-def _classifier(model, table, image_size, top_k):
-    """images float32 (batch, size, size, 3) -> the four outputs of both signatures."""
-
-    def classify(images):
-        # TensorFlow's oneDNN Conv2D mis-shapes a batch of 0 images (the patch embedding then
-        # fails to add the position embeddings), so an empty batch runs the model on one blank
-        # image and keeps 0 rows of its outputs. The model call stays outside the tf.cond, which
-        # only picks its input.
-        num_images = tf.shape(images)[0]
-        batch = tf.cond(
-            num_images > 0,
-            lambda: images,
-            lambda: tf.zeros([1, image_size, image_size, 3], images.dtype),
-        )
-        logits = tf.cast(model(batch, training=False), tf.float32)[:num_images]
+    def outputs(logits):
         probabilities = tf.nn.softmax(logits, axis=-1)
         scores, classes = tf.math.top_k(probabilities, k=top_k)
         return {
@@ -283,135 +316,17 @@ def _classifier(model, table, image_size, top_k):
             "labels": table.lookup(tf.cast(classes, tf.int64)),
         }
 
-    return classify
+    return outputs
 
 
-def _runtime_shape(tensor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(int32 rank, int32 shape) of `tensor` as fed, never the static ones the signature declares.
+def _classifier(model, top_k_outputs):
+    """images float32 (batch, size, size, 3) -> the four outputs (an empty batch allowed:
+    `representations.on_nonempty_batch`)."""
 
-    `tf.shape`/`tf.rank`/`tf.size` return constants when the traced shape is known, so a check
-    written with them would vanish from the graph; raw Rank and Shape ops run on what is fed.
-    """
-    return tf.raw_ops.Rank(input=tensor), tf.raw_ops.Shape(input=tensor, out_type=tf.int32)
+    def logits_outputs(images):
+        return top_k_outputs(tf.cast(model(images, training=False), tf.float32))
 
-
-def _checked_rank(tensor: tf.Tensor, rank: int, message: str) -> tf.Tensor:
-    """`tensor` after an in-graph assertion that it has `rank` dimensions."""
-    actual_rank, shape = _runtime_shape(tensor)
-    assertion = tf.debugging.Assert(
-        tf.equal(actual_rank, rank), [message + "; got shape", shape], summarize=8)
-    with tf.control_dependencies([assertion]):
-        return tf.identity(tensor)
-
-
-def _checked_pixels(images: tf.Tensor, image_size: int) -> tf.Tensor:
-    """`images` after in-graph checks of shape (batch, size, size, 3) and finite values.
-
-    The shape check runs before the finiteness check and both before the model, so no kernel
-    sees a tensor it could abort on. The dtype is checked by TensorFlow itself when fed.
-    """
-    expected = f"(batch, {image_size}, {image_size}, 3)"
-    name = f"{PIXELS_SIGNATURE}: input `{PIXELS_INPUT}`"
-    rank, shape = _runtime_shape(images)
-    # Padded, so that a tensor of any rank compares element by element without failing.
-    padded = tf.concat([shape, tf.fill([4], -1)], axis=0)
-    ok = tf.logical_and(
-        tf.equal(rank, 4),
-        tf.reduce_all(tf.equal(padded[1:4], [image_size, image_size, 3])))
-    assertion = tf.debugging.Assert(
-        ok, [f"{name} must be float32 {expected} RGB pixels in [0, 255]; got shape", shape],
-        summarize=8)
-    with tf.control_dependencies([assertion]):
-        images = tf.identity(images)
-    return tf.debugging.assert_all_finite(
-        images, f"{name} holds NaN or Inf pixels; send RGB values in [0, 255]")
-
-
-def _checked_image_tensor(image_tensor: tf.Tensor, max_image_pixels: int | None) -> tf.Tensor:
-    """`image_tensor` after in-graph checks of shape (batch, height, width, 3) with height and
-    width at least 1 (any, for an empty batch) and, with a cap, height x width at most it.
-
-    The dtype (uint8) is checked by TensorFlow itself when fed.
-    """
-    name = f"{IMAGE_TENSOR_SIGNATURE}: input `{IMAGE_TENSOR_INPUT}`"
-    rank, shape = _runtime_shape(image_tensor)
-    padded = tf.concat([shape, tf.fill([4], -1)], axis=0)
-    not_empty = tf.logical_and(padded[1] >= 1, padded[2] >= 1)
-    ok = tf.logical_and(
-        tf.logical_and(tf.equal(rank, 4), tf.equal(padded[3], 3)),
-        tf.logical_or(tf.equal(padded[0], 0), not_empty))
-    checks = [tf.debugging.Assert(
-        ok, [f"{name} must be uint8 (batch, height, width, 3) RGB pixels, height and width at "
-             "least 1; got shape", shape], summarize=8)]
-    if max_image_pixels is not None:
-        with tf.control_dependencies(checks):
-            pixels = tf.cast(padded[1], tf.int64) * tf.cast(padded[2], tf.int64)
-            checks.append(tf.debugging.Assert(
-                pixels <= max_image_pixels,
-                [f"{name}: {preprocess.IMAGE_TOO_LARGE}: height x width more than the "
-                 f"{max_image_pixels} pixels allowed (max_image_pixels); got shape", shape],
-                summarize=8))
-    with tf.control_dependencies(checks):
-        return tf.identity(image_tensor)
-
-
-def _cropped_and_resized(image_tensor, image_size, central_crop_fraction):
-    """uint8 (batch, height, width, 3) -> float32 (batch, size, size, 3): each image cropped and
-    resized by the ops `pipelines.preprocess_for_eval` applies after decoding."""
-
-    def crop_and_resize(image):
-        if central_crop_fraction is not None:
-            image = tf.image.central_crop(image, central_crop_fraction)
-        return preprocess.resize(image, image_size)
-
-    return tf.map_fn(
-        crop_and_resize, image_tensor,
-        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
-
-
-def _first_false(condition: tf.Tensor) -> tf.Tensor:
-    """int64 index of the first False of a bool vector (its length if none)."""
-    return tf.argmin(tf.concat([tf.cast(condition, tf.int32), [1]], 0), output_type=tf.int64)
-
-
-def _assert_each(condition, template, checks=()):
-    """An assertion that `condition` (bool (batch,)) holds, its message `template` formatted
-    with the first failing index; runs after `checks`."""
-    with tf.control_dependencies(list(checks)):
-        message = tf.strings.format(template, _first_false(condition))
-        return tf.debugging.Assert(tf.reduce_all(condition), [message])
-
-
-def _parsed_image_bytes(tf_examples: tf.Tensor) -> tf.Tensor:
-    """string (batch,) serialized Examples -> string (batch,) their `image/encoded` bytes.
-
-    Checked in the graph, each failure naming the input and the element: a vector; each
-    element empty or starting as a serialized Example does (0x0a, its field 1, `features`,
-    first), so that text, JSON or image bytes sent here by mistake are named; an
-    `image/encoded` value present. A proto corrupt past its first byte fails in
-    ParseExampleV2 itself ("Could not parse example input"), in the op named after the input:
-    a failed parse cannot be caught in a graph except by tf.data, which costs ~10 ms a request.
-    """
-    name = f"{TF_EXAMPLE_SIGNATURE}: input `{TF_EXAMPLE_INPUT}`"
-    tf_examples = _checked_rank(
-        tf_examples, 1, f"{name} must be a string vector (batch,) of serialized tf.train.Example")
-    starts_as_example = tf.logical_or(
-        tf.equal(tf.strings.length(tf_examples), 0),
-        tf.equal(tf.strings.substr(tf_examples, 0, 1), b"\x0a"))
-    looks_right = _assert_each(
-        starts_as_example,
-        f"{name}: {TF_EXAMPLE_INPUT}" + "[{}] is not a serialized tf.train.Example")
-    feature_spec = {records.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string, default_value="")}
-    with tf.control_dependencies([looks_right]):
-        image_bytes = tf.io.parse_example(
-            tf_examples, feature_spec, name=f"{TF_EXAMPLE_SIGNATURE}_{TF_EXAMPLE_INPUT}",
-        )[records.IMAGE_ENCODED]
-    has_image = _assert_each(
-        tf.strings.length(image_bytes) > 0,
-        f"{name}: {TF_EXAMPLE_INPUT}" + "[{}] has no `" + records.IMAGE_ENCODED
-        + "` bytes (the encoded image)")
-    with tf.control_dependencies([has_image]):
-        return tf.identity(image_bytes)
+    return lambda images: representations.on_nonempty_batch(logits_outputs, images)
 
 
 def export_classifier(
@@ -427,6 +342,9 @@ def export_classifier(
     warmup_batch_sizes=warmup.DEFAULT_WARMUP_BATCH_SIZES,
     warmup_images=None,
     verify=None,
+    signatures=DEFAULT_SIGNATURES,
+    feature_options: FeatureOptions = FeatureOptions(),
+    explain_options: ExplainOptions = ExplainOptions(),
 ) -> ExportedModel:
     """Writes `model` as SavedModel version `version` under `export_dir`, atomically.
 
@@ -449,13 +367,15 @@ def export_classifier(
             mixed_bfloat16, `precision.float32_model`); "bfloat16": weights
             stored in bfloat16 and computed in bfloat16 with no per-call weight casts
             (`precision.bfloat16_model`); the outputs are float32 either way.
-        warmup_batch_sizes: batch sizes of the warmup requests, one per signature each, in
+        warmup_batch_sizes: batch sizes of the warmup requests, one per exported signature each, in
             `assets.extra/tf_serving_warmup_requests`; () for no warmup file.
         warmup_images: encoded images (bytes) the warmup requests are built from; None: a
             generated JPEG (`warmup.default_warmup_image`).
         verify: None, or a function called with the complete temporary SavedModel directory
             before it is published; what it raises stops the publication (`manifest.verify`
             runs the export in a fresh process and may write the manifest into it).
+        signatures, feature_options, explain_options: see `build_archive`; default the four
+            classifying signatures.
 
     Returns:
         An `ExportedModel` describing what was written.
@@ -464,31 +384,44 @@ def export_classifier(
         ExportError: non-square model, class names not matching the head, a version that
             exists, a `max_image_pixels` that is not a positive integer, an unknown precision,
             bad warmup batch sizes or images, variables larger than the weights allow
-            (duplicated variables), or a bfloat16 graph that casts weights.
+            (duplicated variables), a bfloat16 graph that casts weights, an unknown signature,
+            or features/explain options the model does not allow.
         MissingExtraError: warmup requests asked for without tensorflow-serving-api.
     """
     _require_tensorflow_backend()
     num_classes = int(model.output_shape[-1])
-    image_size = _square_image_size(model)
+    image_size = served_image_size(model)
+    signatures = checked_signatures(signatures)
     class_names = _check_class_names(class_names, num_classes)
     top_k = _check_top_k(top_k, num_classes)
     _check_max_image_pixels(max_image_pixels)
     central_crop_fraction = eval_crop_fraction(model, central_crop_fraction)
+    _check_representations(model, signatures, feature_options)
     served = precision_lib.model_in_precision(model, precision)
-    logs = warmup.checked_prediction_logs(warmup_images, warmup_batch_sizes, image_size, central_crop_fraction,
-                        max_image_pixels)
+    logs = warmup.checked_prediction_logs(warmup_images, warmup_batch_sizes, image_size,
+                                          central_crop_fraction, max_image_pixels, signatures)
     version, final_path = _new_version_path(export_dir, version)
     stored, weights = _write_version(
         served, export_dir, final_path, logs, precision=precision, verify=verify,
         class_names=class_names,
         top_k=top_k, central_crop_fraction=central_crop_fraction,
-        max_image_pixels=max_image_pixels)
+        max_image_pixels=max_image_pixels, signatures=signatures,
+        feature_options=feature_options, explain_options=explain_options)
     logging.info("Exported %s: %d bytes of %s variables for %d bytes of weights.",
                  final_path, stored, precision, weights)
     return ExportedModel(
         path=final_path, version=version, image_size=image_size, num_classes=num_classes,
         top_k=top_k, weight_bytes=weights, variables_bytes=stored,
-        max_image_pixels=max_image_pixels, precision=precision, warmup_requests=len(logs))
+        max_image_pixels=max_image_pixels, precision=precision, warmup_requests=len(logs),
+        signatures=signatures)
+
+
+def _check_representations(model, signatures, feature_options):
+    """Refuses, before anything is written, features/explain options the model cannot serve."""
+    if FEATURES_SIGNATURE in signatures:
+        representations.feature_model(model, feature_options)
+    if EXPLAIN_SIGNATURE in signatures:
+        representations.rollout_geometry(model)
 
 
 def _write_version(model, export_dir, final_path, logs, *, precision, verify,
@@ -650,17 +583,13 @@ def _apply_umask(path: str):
             os.chmod(os.path.join(root, name), file_mode)
 
 
-def _write_saved_model(model, path, *, class_names, top_k, central_crop_fraction,
-                       max_image_pixels):
+def _write_saved_model(model, path, *, class_names, **archive_options):
     """Writes the archive of `build_archive` to `path`, the class names as its asset."""
     with tempfile.TemporaryDirectory() as names_dir:
         class_names_path = os.path.join(names_dir, CLASS_NAMES_ASSET)
         with open(class_names_path, "w", encoding="utf-8") as stream:
             stream.write("\n".join(class_names) + "\n")
-        archive = build_archive(
-            model, class_names_path, top_k=top_k, central_crop_fraction=central_crop_fraction,
-            max_image_pixels=max_image_pixels,
-        )
+        archive = build_archive(model, class_names_path, **archive_options)
         archive.write_out(path, verbose=False)
 
 

@@ -4,7 +4,8 @@
     export_onnx(model, "vit.onnx", precision="float32"|"int8")
     export_openvino(model, "vit.xml", precision="float32"|"bfloat16"|"int8")   (+ vit.bin)
 
-Every file has the interface of the SavedModel's `predict_pixels` signature, without labels:
+Every file has the interface of the SavedModel's `predict_pixels` signature, without labels
+(a dynamic-size model is exported at the size it was built for, `export.served_image_size`):
 
     input    images         float32 (batch, size, size, 3), RGB in [0, 255], batch dynamic
     outputs  probabilities  float32 (batch, num_classes)  softmax of the logits
@@ -44,7 +45,7 @@ from keras_vit.serving.export import (
     ExportError,
     _check_top_k,
     _require_tensorflow_backend,
-    _square_image_size,
+    served_image_size,
     _temp_prefix,
     remove_stale_exports,
 )
@@ -86,7 +87,7 @@ def serving_function(model: keras.Model, top_k: int = 5) -> tf.types.experimenta
     Returns:
         A `tf.function` with one input signature, float32 `images` (None, size, size, 3).
     """
-    image_size = _square_image_size(model)
+    image_size = served_image_size(model)
 
     def serve(images):
         logits = tf.cast(model(images, training=False), tf.float32)
@@ -216,7 +217,7 @@ def export_litert(model: keras.Model, path: str, *, precision: str = "float32",
     finals, function = _prepare(model, path, (".tflite",), precision, LITERT_PRECISIONS,
                                 "LiteRT", top_k)
     if precision == "int8_full":
-        calibration = _calibration_batches(calibration_images, _square_image_size(model))
+        calibration = _calibration_batches(calibration_images, served_image_size(model))
 
     def write(temporaries):
         with tempfile.TemporaryDirectory() as saved_model_dir:
@@ -326,7 +327,7 @@ def export_openvino(model: keras.Model, path: str, *, precision: str = "float32"
     if precision == "int8":
         nncf = _require("nncf", "NNCF (OpenVINO's post-training quantisation)",
                         install="it: pip install nncf")
-        calibration = _calibration_batches(calibration_images, _square_image_size(model))
+        calibration = _calibration_batches(calibration_images, served_image_size(model))
 
     def write(temporaries):
         with tempfile.TemporaryDirectory() as saved_model_dir:

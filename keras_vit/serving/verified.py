@@ -58,7 +58,8 @@ def export_verified(model, export_format, *, precision="float32", source=None,
         calibration_images: float32 (n, S, S, 3) for the calibrated int8 precisions.
         top_k: classes per image in the top-k outputs.
         **saved_model_options: `export_classifier`'s other keywords (class_names, version,
-            central_crop_fraction, max_image_pixels, warmup_batch_sizes, warmup_images).
+            central_crop_fraction, max_image_pixels, warmup_batch_sizes, warmup_images,
+            signatures, feature_options, explain_options).
 
     Returns:
         (the export: an `ExportedModel` for "saved_model", else the file's path; the manifest
@@ -70,7 +71,7 @@ def export_verified(model, export_format, *, precision="float32", source=None,
     """
     check_format(export_format, precision)
     model = precision_lib.float32_model(model)  # the reference, and what is exported
-    image_size = int(model.input_shape[1])
+    image_size = export_lib.served_image_size(model)
     images = manifest_lib.probe_images(image_size) if probe_images is None else probe_images
     record = manifest_lib.build_manifest(
         model, np.asarray(images, np.float32), source=source, export_format=export_format,
@@ -118,7 +119,9 @@ def _preprocessing(model, options):
     """What a caller feeds the export: the input and the eval preprocessing of the images."""
     return {
         "input": "float32 RGB (batch, height, width, 3) in [0, 255]",
-        "image_size": int(model.input_shape[1]),
+        # A dynamic-size model's SavedModel predict_pixels takes any multiple of the patch; the
+        # probe batch, the other signatures and the other formats use this size.
+        "image_size": export_lib.served_image_size(model),
         "central_crop_fraction": eval_crop_fraction(model, options.get("central_crop_fraction")),
         "resize": "bilinear, after the central crop (pipelines.preprocess_for_eval)",
         "normalisation": "inside the model",

@@ -16,6 +16,9 @@ against the version being loaded, whatever they name) and holds its one input as
     predict_pixels        images        float32 (batch, S, S, 3)  their eval preprocessing
     predict_tf_example    tf_examples   string (batch,)           Examples with image/encoded
     predict_image_tensor  image_tensor  uint8 (batch, h, w, 3)    the first image, decoded
+    features, explain     image_bytes   string (batch,)           the encoded images
+
+Only the signatures exported get records (`export.checked_signatures`).
 
 A batch of size b holds the images in turn (image i % len(images)); `image_tensor` repeats
 the first image, as one tensor has one height and width.
@@ -31,12 +34,14 @@ import tensorflow as tf
 import pipelines
 from keras_vit.serving.signatures import (
     BYTES_INPUT,
+    DEFAULT_SIGNATURES,
+    EXPLAIN_SIGNATURE,
+    FEATURES_SIGNATURE,
     IMAGE_TENSOR_INPUT,
     IMAGE_TENSOR_SIGNATURE,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
     SERVING_SIGNATURE,
-    SIGNATURE_INPUTS,
     TF_EXAMPLE_INPUT,
     TF_EXAMPLE_SIGNATURE,
     WARMUP_FILE,
@@ -108,13 +113,16 @@ def _decoded(images, image_size, central_crop_fraction, max_image_pixels):
 def _inputs(images, first, pixels, batch_size) -> dict:
     """{signature: (input name, its value for one batch of `batch_size`)}."""
     chosen = [index % len(images) for index in range(batch_size)]
+    encoded = np.array([images[i] for i in chosen], object)
     return {
-        SERVING_SIGNATURE: (BYTES_INPUT, np.array([images[i] for i in chosen], object)),
+        SERVING_SIGNATURE: (BYTES_INPUT, encoded),
         PIXELS_SIGNATURE: (PIXELS_INPUT, pixels[chosen].astype(np.float32)),
         TF_EXAMPLE_SIGNATURE: (
             TF_EXAMPLE_INPUT, np.array([_example(images[i]) for i in chosen], object)),
         IMAGE_TENSOR_SIGNATURE: (
             IMAGE_TENSOR_INPUT, np.repeat(first[np.newaxis], batch_size, axis=0)),
+        FEATURES_SIGNATURE: (BYTES_INPUT, encoded),
+        EXPLAIN_SIGNATURE: (BYTES_INPUT, encoded),
     }
 
 
@@ -124,6 +132,7 @@ def prediction_logs(
     image_size: int,
     central_crop_fraction: float | None = None,
     max_image_pixels: int | None = None,
+    signatures=DEFAULT_SIGNATURES,
 ) -> list:
     """The warmup records: one `PredictionLog` per signature per batch size.
 
@@ -132,9 +141,10 @@ def prediction_logs(
         batch_sizes: positive ints, e.g. (1, 8): the batch sizes live requests will have.
         image_size: the model's input side S.
         central_crop_fraction, max_image_pixels: as the export's signatures use them.
+        signatures: the exported signatures, in their order.
 
     Returns:
-        [PredictionLog], batch sizes in order, the signatures in `SIGNATURE_INPUTS` order within
+        [PredictionLog], batch sizes in order, the signatures in `signatures` order within
         each.
 
     Raises:
@@ -149,7 +159,9 @@ def prediction_logs(
     first, pixels = _decoded(images, image_size, central_crop_fraction, max_image_pixels)
     logs = []
     for batch_size in batch_sizes:
-        for signature, (name, value) in _inputs(images, first, pixels, batch_size).items():
+        inputs = _inputs(images, first, pixels, batch_size)
+        for signature in signatures:
+            name, value = inputs[signature]
             request = predict_pb2.PredictRequest()
             request.model_spec.signature_name = signature
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
@@ -158,9 +170,9 @@ def prediction_logs(
     return logs
 
 
-def check_batch_sizes(batch_sizes) -> tuple[int, ...]:
+def check_batch_sizes(batch_sizes, signatures=DEFAULT_SIGNATURES) -> tuple[int, ...]:
     """`batch_sizes` as a tuple; an ExportError unless positive ints making at most
-    MAX_WARMUP_RECORDS records."""
+    MAX_WARMUP_RECORDS records, one per signature of `signatures` each."""
     from keras_vit.serving.export import ExportError  # export imports this module
 
     batch_sizes = tuple(batch_sizes)
@@ -169,17 +181,17 @@ def check_batch_sizes(batch_sizes) -> tuple[int, ...]:
         raise ExportError(
             f"warmup_batch_sizes must be positive integers (the batch sizes live requests "
             f"have), or () for no warmup file; got {batch_sizes!r}.")
-    records = len(batch_sizes) * len(SIGNATURE_INPUTS)
+    records = len(batch_sizes) * len(signatures)
     if records > MAX_WARMUP_RECORDS:
         raise ExportError(
             f"{len(batch_sizes)} warmup batch sizes make {records} warmup records; TF Serving "
             f"reads at most {MAX_WARMUP_RECORDS}. Pass at most "
-            f"{MAX_WARMUP_RECORDS // len(SIGNATURE_INPUTS)} batch sizes.")
+            f"{MAX_WARMUP_RECORDS // len(signatures)} batch sizes.")
     return batch_sizes
 
 
 def checked_prediction_logs(images, batch_sizes, image_size, central_crop_fraction,
-                            max_image_pixels) -> list:
+                            max_image_pixels, signatures=DEFAULT_SIGNATURES) -> list:
     """`prediction_logs` after checking its arguments; [] without batch sizes.
 
     Raises:
@@ -189,7 +201,7 @@ def checked_prediction_logs(images, batch_sizes, image_size, central_crop_fracti
     """
     from keras_vit.serving.export import ExportError  # export imports this module
 
-    batch_sizes = check_batch_sizes(batch_sizes)
+    batch_sizes = check_batch_sizes(batch_sizes, signatures)
     if not batch_sizes:
         return []
     if images is not None:
@@ -199,8 +211,8 @@ def checked_prediction_logs(images, batch_sizes, image_size, central_crop_fracti
                 "warmup_images must be a non-empty list of encoded images (bytes of JPEG, PNG, "
                 "GIF or BMP files), or None for a generated one.")
     try:
-        return prediction_logs(
-            images, batch_sizes, image_size, central_crop_fraction, max_image_pixels)
+        return prediction_logs(images, batch_sizes, image_size, central_crop_fraction,
+                               max_image_pixels, signatures)
     except tf.errors.InvalidArgumentError as error:
         raise ExportError(
             f"A warmup image is refused by the serving preprocessing ({error.message}); TF "
