@@ -11,6 +11,8 @@ import importlib.resources
 import json
 import os
 
+import tensorflow as tf
+
 from pipelines.errors import MissingFileError, UserError
 
 CLASS_NAMES_FILENAME = "class_names.json"
@@ -54,11 +56,11 @@ def read_class_names(path):
         UserError: the file is not UTF-8 text, or a .json file is not a JSON list of strings;
             the message names the file.
     """
-    if not os.path.isfile(path):
+    if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
         raise MissingFileError(f"Class-names file {path} does not exist.")
     try:
-        with open(path, encoding="utf-8") as stream:
-            text = stream.read()
+        with tf.io.gfile.GFile(path, "rb") as stream:
+            text = stream.read().decode("utf-8")
     except UnicodeDecodeError as error:
         raise UserError(
             f"{path} is not UTF-8 text (byte {error.start}: {error.reason}): expected class "
@@ -81,6 +83,6 @@ def read_class_names(path):
 def write_class_names(class_names, directory):
     """Writes `directory/class_names.json`; returns its path."""
     path = os.path.join(directory, CLASS_NAMES_FILENAME)
-    with open(path, "w", encoding="utf-8") as stream:
-        json.dump(list(class_names), stream, indent=1)
+    with tf.io.gfile.GFile(path, "w") as stream:  # any file system: gs://, ...
+        stream.write(json.dumps(list(class_names), indent=1))
     return path

@@ -15,6 +15,7 @@ Every form is checked for NaN and Inf weights (a diverged run), which are refuse
 """
 
 import os
+import tempfile
 import zipfile
 
 import keras
@@ -52,6 +53,11 @@ def load_classifier(path, *, image_size=None, num_classes=None, class_names_path
             NaN or Inf (each such weight is named).
         UserError: the class names do not match the head.
     """
+    if _is_remote(path):
+        with tempfile.TemporaryDirectory() as local:
+            return load_classifier(
+                _local_copy(path, local), image_size=image_size, num_classes=num_classes,
+                class_names_path=class_names_path, allow_non_finite=allow_non_finite)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, MODEL_FILENAME)):
         model, class_names = _load_keras(os.path.join(path, MODEL_FILENAME), allow_non_finite)
     elif str(path).endswith(".keras"):
@@ -69,6 +75,37 @@ def load_classifier(path, *, image_size=None, num_classes=None, class_names_path
             f"({class_names_path or path}); the names must match the head."
         )
     return model, class_names
+
+
+def _is_remote(path):
+    """A path of another file system of `tf.io.gfile` (gs://, s3://, ram://, ...)."""
+    return "://" in str(path) and not str(path).startswith(("http://", "https://"))
+
+
+def _local_copy(path, local_dir):
+    """Copies a remote file, or a remote folder's files (not its subfolders: a training model
+    directory's model.keras, class_names.json and results.json, a checkpoint folder's files),
+    into `local_dir` with `tf.io.gfile`; returns the local path to load.
+
+    Raises:
+        MissingFileError: `path` does not exist.
+    """
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        raise MissingFileError(f"{path} does not exist.")
+    name = os.path.basename(str(path).rstrip("/")) or "model"
+    if not tf.io.gfile.isdir(path):
+        target = os.path.join(local_dir, name)
+        tf.io.gfile.copy(path, target)
+        return target
+    target = os.path.join(local_dir, name)
+    os.makedirs(target)
+    for entry in tf.io.gfile.listdir(path):
+        source = os.path.join(str(path), entry.rstrip("/"))
+        if not tf.io.gfile.isdir(source):
+            tf.io.gfile.copy(source, os.path.join(target, entry))
+    return target
 
 
 def _load_checkpoint(path, image_size, num_classes, allow_non_finite):

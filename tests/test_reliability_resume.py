@@ -392,3 +392,25 @@ def test_a_resumed_run_trains_on_the_examples_an_uninterrupted_run_sees(digits, 
         same = all(np.allclose(a, b, rtol=0, atol=1e-6)
                    for a, b in zip(expected, _final_weights(model_dir)))
         assert same == resume_data_position
+
+
+def _fit_agreeing(backup_dir, epochs, agreed_step=None):
+    """One-update epochs of a small model backed up into `backup_dir`, the callback told the
+    step the workers agreed on; returns the callback."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile("adam", "mse")
+    restore = backup.AtomicBackupAndRestore(str(backup_dir), updates_per_epoch=1,
+                                            agreed_step=agreed_step)
+    model.fit(np.ones((8, 4)), np.zeros((8, 3)), batch_size=8, epochs=epochs, verbose=0,
+              callbacks=[restore])
+    return restore
+
+
+def test_an_agreed_step_restores_that_backup_or_stops(tmp_path):
+    """Multi-worker resume: the backup of the agreed step, not this worker's newer one; a
+    worker without it stops rather than train anew beside the others."""
+    _fit_agreeing(tmp_path / "worker", epochs=2)  # backups of steps 1 and 2
+    assert _fit_agreeing(tmp_path / "worker", epochs=3, agreed_step=1).restored_step == 1
+    assert _fit_agreeing(tmp_path / "other", epochs=1, agreed_step=0).restored_step is None
+    with pytest.raises(backup.BackupError, match="holds no backup of it"):
+        _fit_agreeing(tmp_path / "worker", epochs=4, agreed_step=1)  # pruned by the run above

@@ -6,6 +6,7 @@ Keras release fixes it, the signal to narrow multi_worker_fix.FIT_BUG_KERAS_VERS
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import pytest
 
 from keras_vit.training import multi_worker_fix
 from tests.train_helpers import (REPO, TINY_FLAGS, TRAIN, convert_digits, flag_list,
-                                      free_ports, subprocess_env)
+                                 free_ports, newest_backup_step, subprocess_env)
 
 
 def tf_config(ports, index):
@@ -78,6 +79,33 @@ def test_two_workers_train_to_the_same_weights(tmp_path):
     worker_state = _weights(model_dir / "backup" / "worker_1" / "latest.weights.h5")
     assert chief_state.keys() == worker_state.keys() and len(chief_state) > 10
     for name in chief_state:  # synchronous all-reduce: identical weights and optimizer state
+        np.testing.assert_array_equal(worker_state[name], chief_state[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_workers_one_backup_apart_resume_from_the_backup_they_share(tmp_path):
+    """A worker killed after one backup while the chief wrote the next: both resume from the
+    older one (each keeps two) and train in step to the end, instead of one interval apart."""
+    data = convert_digits(tmp_path / "digits")
+    model_dir = tmp_path / "model"
+    flags = TINY_FLAGS | dict(train_data=data, eval_data=data, model_dir=model_dir,
+                              strategy="multi_worker", total_steps=20, steps_per_execution=1)
+    for code, _, stderr in run_workers([sys.executable, TRAIN, *flag_list(**flags)]):
+        assert code == 0, stderr[-3000:]
+    worker_backups = model_dir / "backup" / "worker_1"
+    shutil.rmtree(worker_backups / "step-0000020")  # as if killed before writing it
+    assert newest_backup_step(str(model_dir)) == 20
+
+    outputs = run_workers([sys.executable, TRAIN, *flag_list(**(flags | dict(total_steps=30)))])
+    for code, _, stderr in outputs:
+        assert code == 0, stderr[-3000:]
+    chief, worker = (_last_json(stdout) for _, stdout, _ in outputs)
+    assert chief["resumed_from_step"] == worker["resumed_from_step"] == 10
+    assert chief["steps"] == worker["steps"] == 30
+    assert "every worker resumes from 10" in outputs[0][2]
+    chief_state = _weights(model_dir / "backup" / "latest.weights.h5")
+    worker_state = _weights(worker_backups / "latest.weights.h5")
+    for name in chief_state:
         np.testing.assert_array_equal(worker_state[name], chief_state[name], err_msg=name)
 
 

@@ -351,22 +351,28 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
     Args:
         backup_dir: the directory of this process's backups (each worker has its own).
         updates_per_epoch: optimizer updates per Keras epoch (--checkpoint_every_steps).
+        agreed_step: in a multi-worker run, the step all workers resume from (the smallest of
+            their newest complete backups, `strategy.smallest_over_workers`): newer backups of
+            this worker are ignored, and this one must load (0: start anew). A worker killed
+            between two others' backups is then one interval behind them, and they all go
+            back to the backup they share (each keeps two). None: the newest that loads.
 
     Attributes:
         restored_step: the update step restored at the start of `fit` (None: started anew).
     """
 
-    def __init__(self, backup_dir, updates_per_epoch):
+    def __init__(self, backup_dir, updates_per_epoch, agreed_step=None):
         super().__init__()
         self.backup_dir = backup_dir
         self.updates_per_epoch = int(updates_per_epoch)
+        self.agreed_step = agreed_step
         self.restored_step = None
         self._kept = None  # the newest complete backup, kept until the next one is complete
 
     def on_train_begin(self, logs=None):
         self.restored_step = None
         failures = []
-        for step, path in list_backups(self.backup_dir):
+        for step, path in self._candidates():
             failure = self._try_restore(step, path)
             if failure is None:
                 self.restored_step, self._kept = step, path
@@ -374,13 +380,40 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
                 logging.info("Resumed from %s (update step %d).", path, step)
                 return
             failures.append(f"{path}: {failure}")
+            if self.agreed_step is not None:
+                break  # an older backup would leave this worker behind the others
+        if self.agreed_step and not failures:
+            raise BackupError(
+                f"The workers agreed to resume from update step {self.agreed_step}, but "
+                f"{self.backup_dir} holds no backup of it: copy another worker's "
+                f"{backup_name(self.agreed_step)} there (the same synchronous state), or move "
+                "every worker's backup directory away to train anew.")
+        if failures and self.agreed_step is not None:
+            raise BackupError(
+                f"The workers agreed to resume from update step {self.agreed_step}, but this "
+                f"worker's backup of it does not load ({failures[0]}). Put a good copy back "
+                "(another worker's backup of the same step holds the same state), or move "
+                "every worker's backup directory away to train anew.")
         if failures:
             # Starting anew would prune them: the user decides.
             raise BackupError(
                 f"None of the backups in {self.backup_dir} can be restored ("
                 + "; ".join(failures) + "). Put a good copy back, or move the directory away "
                 "to train anew.")
-        self._restore_keras_backup()
+        if self.agreed_step is None:  # Keras's files carry no step the workers agreed on
+            self._restore_keras_backup()
+
+    def _candidates(self):
+        """(step, path) of the backups to try, newest first: with `agreed_step`, that one only."""
+        backups = list_backups(self.backup_dir)
+        if self.agreed_step is None:
+            return backups
+        newer = [path for step, path in backups if step > self.agreed_step]
+        if newer:
+            logging.warning("Not resuming from %s: another worker's newest complete backup is "
+                            "of update step %d, so every worker resumes there.",
+                            ", ".join(newer), self.agreed_step)
+        return [(step, path) for step, path in backups if step == self.agreed_step]
 
     def _restore_keras_backup(self):
         """Resumes from the files of Keras's `BackupAndRestore`, this project's backup before

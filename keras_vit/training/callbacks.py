@@ -7,7 +7,6 @@ optimizer updates, so an epoch boundary is where the backup and the checkpoint (
 save and `epoch * updates_per_epoch` is the global update step.
 """
 
-import glob
 import os
 import time
 import warnings
@@ -264,9 +263,11 @@ class PruneCheckpoints(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self.keep:
             return
-        files = sorted(glob.glob(self.pattern))
+        import tensorflow as tf  # Here, as in StepScalars: gfile reaches gs:// and the like.
+
+        files = sorted(tf.io.gfile.glob(self.pattern))
         for path in files[: -self.keep]:
-            os.remove(path)
+            tf.io.gfile.remove(path)
             logging.info("Removed old checkpoint %s (--keep_checkpoints=%d).", path, self.keep)
 
 

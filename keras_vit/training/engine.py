@@ -277,6 +277,17 @@ def backup_directory(config, strategy, chief):
     return os.path.join(backup_dir, f"{task_type}_{task_id}")
 
 
+def _resume_step(config, strategy, chief):
+    """The update step the run resumes from: its newest complete backup's, or in a multi-worker
+    run the smallest of the workers' (a worker killed between two backups is one behind)."""
+    newest = backup_lib.newest_complete_step(backup_directory(config, strategy, chief))
+    agreed = strategy_lib.smallest_over_workers(strategy, newest)
+    if agreed != newest:
+        logging.warning("This worker's newest backup is of update step %d, another worker's of "
+                        "%d: every worker resumes from %d.", newest, agreed, agreed)
+    return agreed
+
+
 def examples_to_skip(config, strategy, context, per_replica_batch, resume_step):
     """Training examples one input pipeline delivered in `resume_step` updates, which a run
     resumed at that step skips (`--resume_data_position`); 0 for a new run."""
@@ -286,7 +297,7 @@ def examples_to_skip(config, strategy, context, per_replica_batch, resume_step):
     return resume_step * config.grad_accum_steps * replicas_per_pipeline * per_replica_batch
 
 
-def make_callbacks(config, strategy, chief, eval_data=None):
+def make_callbacks(config, strategy, chief, eval_data=None, resume_step=None):
     """The callbacks of `fit`; the model directory's shared files are written by the chief only.
 
     Args:
@@ -295,6 +306,8 @@ def make_callbacks(config, strategy, chief, eval_data=None):
         chief: whether this process is the chief (see `strategy.is_chief`).
         eval_data: the distributed eval dataset, for the EMA's evaluation beside the raw
             weights' (--ema_decay); None without --eval_data.
+        resume_step: the step the workers of a multi-worker run agreed to resume from
+            (`_resume_step`); its backup is the one restored. Unused outside multi-worker.
 
     Returns:
         (callbacks, throughput): the list for `fit`, and its `StepAndThroughput`, whose
@@ -309,7 +322,9 @@ def make_callbacks(config, strategy, chief, eval_data=None):
             eval_data, evaluate_callbacks=[callbacks_lib.QuietEndOfEvaluationData()]))
     callbacks += [
         # Keras epoch = --checkpoint_every_steps updates, so a backup per epoch is per chunk.
-        backup_lib.AtomicBackupAndRestore(backup_dir, config.checkpoint_every_steps),
+        backup_lib.AtomicBackupAndRestore(
+            backup_dir, config.checkpoint_every_steps,
+            agreed_step=resume_step if strategy_lib.is_multi_worker(strategy) else None),
         callbacks_lib.QuietEndOfEvaluationData(),
     ]
     if chief:
@@ -494,15 +509,16 @@ def _setup_results(config, strategy, num_classes, num_train):
 
 
 def write_model_directory(model, class_names, results, model_dir):
-    """Writes model.keras, class_names.json and results.json into `model_dir`."""
-    os.makedirs(model_dir, exist_ok=True)
+    """Writes model.keras, class_names.json and results.json into `model_dir` (a local path
+    or any file system of `tf.io.gfile`, such as gs://)."""
+    tf.io.gfile.makedirs(model_dir)
     # An inference copy of the graph (same layers, no optimizer or compile state), so
     # loading it needs nothing from keras_vit.training.
     inference = keras.Model(model.inputs, model.outputs, name=model.name)
     inference.save(os.path.join(model_dir, MODEL_FILENAME))
     write_class_names(class_names, model_dir)
-    with open(os.path.join(model_dir, RESULTS_FILENAME), "w") as stream:
-        json.dump(results, stream, indent=1)
+    with tf.io.gfile.GFile(os.path.join(model_dir, RESULTS_FILENAME), "w") as stream:
+        stream.write(json.dumps(results, indent=1))
 
 
 def train(config):
@@ -534,10 +550,11 @@ def train(config):
     keras.utils.set_random_seed(config.seed)
     with _dtype_policy(MIXED_PRECISION[config.mixed_precision] or "float32"):
         model, student = _build_for_strategy(config, strategy, num_classes)
-        resume_step = backup_lib.newest_complete_step(backup_directory(config, strategy, chief))
+        resume_step = _resume_step(config, strategy, chief)
         datasets = make_datasets(config, strategy, num_classes, resume_step,
                                  input_normalization(student))
-        callbacks, throughput = make_callbacks(config, strategy, chief, datasets[1])
+        callbacks, throughput = make_callbacks(config, strategy, chief, datasets[1],
+                                               resume_step)
         train_seconds = _fit(model, config, datasets, callbacks, verbose)
         evaluation = _final_evaluation(model, config, datasets[1], verbose)
         results = {

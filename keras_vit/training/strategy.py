@@ -117,6 +117,24 @@ def worker_index(strategy):
     return "worker", 0
 
 
+def smallest_over_workers(strategy, value):
+    """The smallest of every worker's `value` (an int) in a multi-worker run, `value` itself
+    otherwise. A collective: every worker must call it, at the same point of its program."""
+    if not is_multi_worker(strategy):
+        return int(value)
+
+    @tf.function
+    def gather():
+        def replica_values():
+            context = tf.distribute.get_replica_context()
+            return context.all_gather(tf.constant([int(value)], tf.int64), axis=0)
+
+        return strategy.run(replica_values)
+
+    gathered = strategy.experimental_local_results(gather())[0]
+    return int(tf.reduce_min(gathered))
+
+
 def is_chief(strategy):
     """True for the one process that writes the model directory's shared files: the "chief"
     task, or worker 0 of a cluster without one (and the only process outside multi-worker)."""
