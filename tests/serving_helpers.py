@@ -36,6 +36,8 @@ def tiny_classifier(directory):
 # Runs in a fresh interpreter that cannot import our packages: loads the SavedModel into a
 # session and feeds each request through a callable on the SignatureDef's tensor names (C++
 # Session::RunCallable, as TF Serving's predict does: no Python shape or dtype checks first).
+# It fetches "probabilities" and "classes", or with ALL every output (features, explain's
+# maps; strings decoded), and reports each signature's input shape as declared (-1: dynamic).
 # With a warmup file path, also replays each of its PredictionLogs the same way (it imports
 # tensorflow_serving.apis for the proto, as TF Serving reads it).
 _TF_ONLY_SESSION = r"""
@@ -46,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2
 
-saved_model_dir, requests_path, answers_path, warmup_path = sys.argv[1:]
+saved_model_dir, requests_path, answers_path, warmup_path, fetched = sys.argv[1:]
 session = tf.compat.v1.Session(graph=tf.Graph())
 with session.graph.as_default():
     meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], saved_model_dir)
@@ -54,32 +56,36 @@ runners = {}
 
 
 def run(signature, value):
+    definition = meta_graph.signature_def[signature]
+    names = sorted(definition.outputs) if fetched == "ALL" else ["probabilities", "classes"]
     if signature not in runners:
-        definition = meta_graph.signature_def[signature]
         (input_info,) = definition.inputs.values()
         options = config_pb2.CallableOptions(
-            feed=[input_info.name],
-            fetch=[definition.outputs[name].name for name in ("probabilities", "classes")])
+            feed=[input_info.name], fetch=[definition.outputs[name].name for name in names])
         runners[signature] = session._make_callable_from_options(options)
     try:
-        probabilities, classes = runners[signature](value)
-        return {"probabilities": probabilities.tolist(), "classes": classes.tolist()}
+        values = runners[signature](value)
     except tf.errors.InvalidArgumentError as error:
         return {"error": error.message, "code": "INVALID_ARGUMENT"}
+    return {name: (np.char.decode(v.astype(bytes)) if v.dtype == object else v).tolist()
+            for name, v in zip(names, values)}
 
 
 requests = np.load(requests_path, allow_pickle=True)
 answers = {key: run(key.split(":")[0], requests[key]) for key in requests.files}
+answers["input_shapes"] = {
+    name: [dim.size for dim in next(iter(definition.inputs.values())).tensor_shape.dim]
+    for name, definition in meta_graph.signature_def.items() if definition.inputs}
 warmup = []
 if warmup_path:
     from tensorflow_serving.apis import prediction_log_pb2
     for record in tf.data.TFRecordDataset(warmup_path).as_numpy_iterator():
-        log = prediction_log_pb2.PredictionLog.FromString(record)
-        request = log.predict_log.request
+        request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
         (value,) = [tf.make_ndarray(proto) for proto in request.inputs.values()]
+        answer = run(request.model_spec.signature_name, value)
         warmup.append({"signature": request.model_spec.signature_name,
                        "inputs": list(request.inputs), "shape": list(value.shape),
-                       "dtype": str(value.dtype), **run(request.model_spec.signature_name, value)})
+                       "dtype": str(value.dtype), "outputs": sorted(answer), **answer})
 answers["warmup"] = warmup
 answers["loaded_our_code"] = [m for m in ("keras_vit", "pipelines") if sys.modules.get(m)]
 with open(answers_path, "w") as stream:
@@ -87,7 +93,8 @@ with open(answers_path, "w") as stream:
 """
 
 
-def serve_in_tensorflow_only_process(saved_model_dir, requests, directory, warmup_path=""):
+def serve_in_tensorflow_only_process(saved_model_dir, requests, directory, warmup_path="",
+                                     all_outputs=False):
     """Answers of a TensorFlow-only process (no keras_vit, no pipelines) to `requests`.
 
     Args:
@@ -95,16 +102,19 @@ def serve_in_tensorflow_only_process(saved_model_dir, requests, directory, warmu
         requests: {"<signature>:<case>": numpy array fed as the signature's one input}.
         directory: a pathlib.Path for the request and answer files.
         warmup_path: a TF Serving warmup file to replay too ("" for none).
+        all_outputs: fetch every output of each signature, not only probabilities and classes.
 
     Returns:
-        {case key: {"probabilities", "classes"} or {"error", "code": "INVALID_ARGUMENT"}},
-        "warmup": [{"signature", "inputs", "shape", "dtype", and the answer}] in file order.
+        {case key: {output name: nested list} or {"error", "code": "INVALID_ARGUMENT"}},
+        "input_shapes": {signature: its input's declared shape, -1 where dynamic},
+        "warmup": [{"signature", "inputs", "shape", "dtype", "outputs" (the names answered),
+        and the answer}] in file order.
     """
     requests_path, answers_path = str(directory / "requests.npz"), str(directory / "answers.json")
     np.savez(requests_path, **requests)
     result = subprocess.run(
         [sys.executable, "-c", _TF_ONLY_SESSION, saved_model_dir, requests_path, answers_path,
-         warmup_path],
+         warmup_path, "ALL" if all_outputs else "TOP"],
         capture_output=True, text=True, timeout=600, cwd=str(directory),
         env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-3000:]  # -6 would be SIGABRT
@@ -137,82 +147,3 @@ def sample_images(count):
         with open(os.path.join(directory, name), "rb") as stream:
             images.append(stream.read())
     return images
-
-
-# As _TF_ONLY_SESSION, but fetching every output of each signature (features, explain's maps)
-# and reporting each signature's input shape as the SignatureDef declares it (-1: dynamic).
-_TF_ONLY_ALL_OUTPUTS = r"""
-import json, sys
-sys.modules["keras_vit"] = None
-sys.modules["pipelines"] = None
-import numpy as np
-import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2
-
-saved_model_dir, requests_path, answers_path, warmup_path = sys.argv[1:]
-session = tf.compat.v1.Session(graph=tf.Graph())
-with session.graph.as_default():
-    meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], saved_model_dir)
-runners = {}
-
-
-def run(signature, value):
-    definition = meta_graph.signature_def[signature]
-    names = sorted(definition.outputs)
-    if signature not in runners:
-        (input_info,) = definition.inputs.values()
-        options = config_pb2.CallableOptions(
-            feed=[input_info.name], fetch=[definition.outputs[name].name for name in names])
-        runners[signature] = session._make_callable_from_options(options)
-    try:
-        values = runners[signature](value)
-    except tf.errors.InvalidArgumentError as error:
-        return {"error": error.message, "code": "INVALID_ARGUMENT"}
-    return {name: (np.char.decode(v.astype(bytes)) if v.dtype == object else v).tolist()
-            for name, v in zip(names, values)}
-
-
-requests = np.load(requests_path, allow_pickle=True)
-answers = {key: run(key.split(":")[0], requests[key]) for key in requests.files}
-answers["input_shapes"] = {
-    name: [dim.size for dim in next(iter(definition.inputs.values())).tensor_shape.dim]
-    for name, definition in meta_graph.signature_def.items() if definition.inputs}
-warmup = []
-if warmup_path:
-    from tensorflow_serving.apis import prediction_log_pb2
-    for record in tf.data.TFRecordDataset(warmup_path).as_numpy_iterator():
-        request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
-        (value,) = [tf.make_ndarray(proto) for proto in request.inputs.values()]
-        answer = run(request.model_spec.signature_name, value)
-        warmup.append({"signature": request.model_spec.signature_name,
-                       "inputs": list(request.inputs), "shape": list(value.shape),
-                       "outputs": sorted(answer)})
-answers["warmup"] = warmup
-answers["loaded_our_code"] = [m for m in ("keras_vit", "pipelines") if sys.modules.get(m)]
-with open(answers_path, "w") as stream:
-    json.dump(answers, stream)
-"""
-
-
-def serve_all_outputs_in_tensorflow_only_process(saved_model_dir, requests, directory,
-                                                 warmup_path=""):
-    """As `serve_in_tensorflow_only_process`, with every output of each signature.
-
-    Returns:
-        {case key: {output name: nested list (strings decoded)} or {"error", "code"}},
-        "input_shapes": {signature: its input's declared shape, -1 where dynamic},
-        "warmup": [{"signature", "inputs", "shape", "outputs": names answered (or "code",
-        "error")}] in file order.
-    """
-    requests_path, answers_path = str(directory / "requests.npz"), str(directory / "answers.json")
-    np.savez(requests_path, **requests)
-    result = subprocess.run(
-        [sys.executable, "-c", _TF_ONLY_ALL_OUTPUTS, saved_model_dir, requests_path,
-         answers_path, warmup_path],
-        capture_output=True, text=True, timeout=600, cwd=str(directory),
-        env={**os.environ, "PYTHONPATH": ""})
-    assert result.returncode == 0, result.stderr[-3000:]  # -6 would be SIGABRT
-    with open(answers_path) as stream:
-        answers = json.load(stream)
-    assert answers.pop("loaded_our_code") == []
-    return answers

@@ -14,7 +14,7 @@ import keras_vit
 import pipelines
 from keras_vit import serving
 from keras_vit.serving import runtimes
-from serving_helpers import encode_image, serve_all_outputs_in_tensorflow_only_process, strings
+from serving_helpers import encode_image, serve_in_tensorflow_only_process, strings
 from vit_reference import random_checkpoint
 
 BUILT = 16
@@ -60,14 +60,14 @@ def test_dynamic_model_serves_any_multiple_of_the_patch(checkpoint, dynamic, exp
     rng = np.random.default_rng(2)
     encoded = [encode_image(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), "PNG")]
     decoded = pipelines.preprocess_for_eval(tf.constant(encoded[0]), BUILT).numpy()[None]
-    answers = serve_all_outputs_in_tensorflow_only_process(exported.path, {
+    answers = serve_in_tensorflow_only_process(exported.path, {
         "predict_pixels:48x64": large, "predict_pixels:built": built,
         "predict_pixels:empty": np.zeros((0, 8, 12, 3), np.float32),
         "predict_pixels:17x17": _pixels(17, 17), "predict_pixels:16x18": _pixels(16, 18),
         "predict_pixels:rank3": _pixels(16, 16)[0],
         "serving_default:png": strings(*encoded), "features:png": strings(*encoded),
         "explain:png": strings(*encoded)},
-        tmp_path, warmup_path=f"{exported.path}/{serving.WARMUP_FILE}")
+        tmp_path, warmup_path=f"{exported.path}/{serving.WARMUP_FILE}", all_outputs=True)
     assert answers["input_shapes"]["predict_pixels"] == [-1, -1, -1, 3]
     assert answers["input_shapes"]["serving_default"] == [-1]
     np.testing.assert_allclose(answers["predict_pixels:48x64"]["probabilities"],

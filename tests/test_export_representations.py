@@ -25,7 +25,7 @@ from keras_vit import analysis, serving
 from keras_vit.serving import export as export_module
 from serving_helpers import (
     encode_image,
-    serve_all_outputs_in_tensorflow_only_process,
+    serve_in_tensorflow_only_process,
     strings,
     tiny_classifier,
 )
@@ -69,8 +69,9 @@ def test_features_equal_feature_extractor(models, tmp_path, output, block, norm)
     exported = _export(model, tmp_path / "exports", feature_options=serving.FeatureOptions(
         output=output, block=block, norm=norm))
     encoded, pixels = _images()
-    answers = serve_all_outputs_in_tensorflow_only_process(exported.path, {
-        "features:batch": strings(*encoded), "features:empty": strings()}, tmp_path)
+    answers = serve_in_tensorflow_only_process(exported.path, {
+        "features:batch": strings(*encoded), "features:empty": strings()}, tmp_path,
+        all_outputs=True)
     expected = np.asarray(keras_vit.feature_extractor(
         model, blocks=block, output=output, norm=norm)(pixels), np.float32)
     assert expected.shape == {"pre_logits": (3, 32), "spatial": (3, 4, 4, 32),
@@ -89,8 +90,9 @@ def test_explain_equals_analysis_rollout_and_predict_pixels(models, tmp_path, po
     exported = _export(model, tmp_path / "exports",
                        explain_options=serving.ExplainOptions(residual_weight=weight))
     encoded, pixels = _images()
-    answers = serve_all_outputs_in_tensorflow_only_process(exported.path, {
-        "explain:batch": strings(*encoded), "predict_pixels:batch": pixels}, tmp_path)
+    answers = serve_in_tensorflow_only_process(exported.path, {
+        "explain:batch": strings(*encoded), "predict_pixels:batch": pixels}, tmp_path,
+        all_outputs=True)
     explained = answers["explain:batch"]
     assert sorted(explained) == sorted(serving.OUTPUTS + serving.EXPLAIN_OUTPUTS), explained
     grid, _, num_prefix_tokens = analysis.model_geometry(model)
@@ -131,8 +133,9 @@ def test_warmup_holds_every_exported_signature(models, tmp_path):
         signatures=["features", "explain"])  # serving_default and predict_pixels added
     assert exported.signatures == ("serving_default", "predict_pixels", "features", "explain")
     assert list(tf.saved_model.load(exported.path).signatures) == list(exported.signatures)
-    answers = serve_all_outputs_in_tensorflow_only_process(
-        exported.path, {}, tmp_path, warmup_path=os.path.join(exported.path, serving.WARMUP_FILE))
+    answers = serve_in_tensorflow_only_process(
+        exported.path, {}, tmp_path, warmup_path=os.path.join(exported.path, serving.WARMUP_FILE),
+        all_outputs=True)
     assert exported.warmup_requests == 8
     assert [(r["signature"], r["shape"][0]) for r in answers["warmup"]] == [
         (signature, size) for size in (1, 3) for signature in exported.signatures]
@@ -212,3 +215,11 @@ def test_tool_refuses_unknown_signatures_and_other_formats(models, tmp_path):
                    f"--output={tmp_path / 'vit.onnx'}", "--signatures=explain")
     assert result.returncode != 0
     assert "--signatures apply to --format=saved_model only" in result.stderr, result.stderr[-2000:]
+    # An option of a signature that is not exported would be ignored: refused instead.
+    result = _tool(f"--checkpoint={checkpoint}", f"--export_dir={tmp_path / 'exports'}",
+                   "--features_output=spatial", "--explain_residual_weight=0.3",
+                   "--signatures=serving_default,explain")
+    assert result.returncode != 0
+    assert ("--features_output set the features signature, which is exported only when "
+            "--signatures names it") in result.stderr, result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "exports")

@@ -102,7 +102,7 @@ def main(argv):
     source = _source()
     verified.check_format(_FORMAT.value, _PRECISION.value)
     signatures = export_lib.checked_signatures(_SIGNATURES.value)
-    options = _representation_options()  # checked before the model is loaded
+    options = _representation_options(signatures)  # checked before the model is loaded
     model, class_names = keras_vit.load_classifier(
         source, image_size=_IMAGE_SIZE.value, num_classes=_NUM_CLASSES.value,
         class_names_path=_CLASS_NAMES.value, allow_non_finite=_ALLOW_NON_FINITE.value)
@@ -152,8 +152,16 @@ def _source():
     return _MODEL_DIR.value or _CHECKPOINT.value
 
 
-def _representation_options():
-    """The features and explain signatures' options from their flags."""
+def _representation_options(signatures):
+    """The features and explain signatures' options from their flags; a UsageError for an
+    option of a signature --signatures does not export (it would be ignored)."""
+    for signature, options in ((serving.FEATURES_SIGNATURE,
+                                (_FEATURES_OUTPUT, _FEATURES_BLOCK, _FEATURES_NORM)),
+                               (serving.EXPLAIN_SIGNATURE, (_EXPLAIN_RESIDUAL_WEIGHT,))):
+        given = [flag.name for flag in options if flag.present]
+        if given and signature not in signatures:
+            raise app.UsageError(f"--{', --'.join(given)} set the {signature} signature, which "
+                                 f"is exported only when --signatures names it.")
     return dict(
         feature_options=representations.FeatureOptions(
             _FEATURES_OUTPUT.value, _FEATURES_BLOCK.value, _FEATURES_NORM.value),
