@@ -52,6 +52,39 @@ def eval_crop_fraction(model, requested=None):
     return getattr(rescale, "eval_crop_fraction", None)
 
 
+def input_image_size(model, requested=None, flag="--image_size"):
+    """The square side in pixels to feed `model`: its input's, or for a dynamic-size model
+    (`create_model(dynamic_image_size=True)`, input (B, None, None, 3)) `requested` where
+    given, else the size its position embedding was built for.
+
+    Raises:
+        UserError: a fixed-size model and another `requested` size (only a checkpoint can be
+            resampled, when it is loaded); a dynamic model and a size that is not a positive
+            multiple of its patch; a dynamic model built for a non-square size and no request.
+    """
+    from keras_vit.model import built_image_size
+
+    height, width = model.input_shape[1:3]
+    if height is not None:
+        if requested and (requested, requested) != (height, width):
+            raise UserError(
+                f"{flag}={requested} but the model takes {height}x{width} images; a saved Keras "
+                "model of fixed size cannot change it (a checkpoint is resampled when loaded; a "
+                "model built with dynamic_image_size=True takes any multiple of its patch).")
+        return int(height)
+    patch_size = int(model.get_layer("patch_embedding").patch_size)
+    if requested:
+        if requested % patch_size:
+            raise UserError(f"{flag}={requested} is not a multiple of the model's patch size "
+                            f"{patch_size}: pass e.g. {max(1, requested // patch_size) * patch_size}.")
+        return int(requested)
+    built_height, built_width = built_image_size(model)
+    if built_height != built_width:
+        raise UserError(f"The model was built for {built_height}x{built_width} images; pass "
+                        f"{flag} for the square size to evaluate it at.")
+    return int(built_height)
+
+
 def load_images(paths, image_size, central_crop_fraction=None):
     """Reads image files and preprocesses them as evaluation does (`pipelines.preprocess_for_eval`).
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 import pipelines
 from pipelines import info as info_lib, records, sources
+from tests.train_helpers import flip_byte, record_offsets
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD0 = "test-00000-of-00002.tfrecord"
@@ -42,24 +43,6 @@ def digits_master(tmp_path_factory):
 def digits(digits_master, tmp_path):
     """A fresh copy of digits' test split: 359 examples in shards of 179 and 180."""
     return Path(shutil.copytree(digits_master, tmp_path / "digits"))
-
-
-def record_offsets(data):
-    """`[(offset, payload length)]` of every record of a TFRecord file's bytes."""
-    pos, out = 0, []
-    while pos < len(data):
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        out.append((pos, length))
-        pos += 16 + length
-    return out
-
-
-def flip_byte(path, record, where):
-    """Flips one byte of record `record`: in its payload, or in its length CRC (header)."""
-    data = bytearray(path.read_bytes())
-    pos, length = record_offsets(data)[record]
-    data[pos + 12 + length // 2 if where == "payload" else pos + 9] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def read_all(directory, mode, **kwargs):

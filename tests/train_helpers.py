@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,21 @@ def run_result_script(path, timeout=300):
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     assert lines, result.stderr[-3000:]
     return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def record_offsets(data):
+    """`[(offset, payload length)]` of every record of a TFRecord file's bytes."""
+    pos, out = 0, []
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        out.append((pos, length))
+        pos += 16 + length
+    return out
+
+
+def flip_byte(path, record, where):
+    """Flips one byte of record `record`: in its payload, or in its length CRC (header)."""
+    data = bytearray(path.read_bytes())
+    pos, length = record_offsets(data)[record]
+    data[pos + 12 + length // 2 if where == "payload" else pos + 9] ^= 0x01
+    path.write_bytes(bytes(data))

@@ -23,7 +23,8 @@ _CHECKPOINT = flags.DEFINE_string(
     required=True)
 _LABELS = flags.DEFINE_string("labels", None, "Class names: JSON list or one name per line.")
 _IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", None, "Checkpoints only: input side in pixels (default: the checkpoint's).")
+    "image_size", None, "Input side in pixels. Default: the model's. A checkpoint is "
+    "resampled to it; a dynamic-size model takes any multiple of its patch.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "How many classes to list per image.")
 _CENTRAL_CROP = flags.DEFINE_float(
     "central_crop_fraction", None, "Keep this central fraction of each side before resizing.")
@@ -65,7 +66,7 @@ def main(argv):
         _CHECKPOINT.value, image_size=_IMAGE_SIZE.value, class_names_path=_LABELS.value,
         allow_non_finite=_ALLOW_NON_FINITE.value)
     class_names = class_names_lib.resolve_class_names(int(model.output_shape[-1]), class_names)
-    images = inference.load_images(paths, int(model.input_shape[1]),
+    images = inference.load_images(paths, inference.input_image_size(model, _IMAGE_SIZE.value),
                                    inference.eval_crop_fraction(model, _CENTRAL_CROP.value))
     indices, probabilities = inference.top_k_predictions(
         inference.predict_logits(model, images), _TOP_K.value)

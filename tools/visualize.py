@@ -32,7 +32,8 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, cli.CHECKPOINT_HELP)
 _OUTPUT = flags.DEFINE_string("output", None, "PNG file to write.", required=True)
 _IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", None, "Checkpoints only: input side in pixels (default: the checkpoint's).")
+    "image_size", None, "Input side in pixels. Default: the model's. A checkpoint is "
+    "resampled to it; a dynamic-size model takes any multiple of its patch.")
 _LABELS = flags.DEFINE_string("labels", None, "Class names for the titles of `attention`.")
 _DATA = flags.DEFINE_string(
     "data", None, "Images for attention / attention_distance from a dataset (a TFRecord "
@@ -76,8 +77,10 @@ def _images(paths, image_size):
 
 def draw_attention(paths):
     model, class_names = _model()
-    grid_size, _, num_prefix_tokens = analysis.model_geometry(model)
-    images, titles = _images(paths, int(model.input_shape[1]))
+    _, patch_size, num_prefix_tokens = analysis.model_geometry(model)
+    image_size = inference.input_image_size(model, _IMAGE_SIZE.value)
+    images, titles = _images(paths, image_size)
+    grid_size = (image_size // patch_size,) * 2  # a dynamic-size model's grid follows the images
     attention = analysis.attention_maps(model, images)
     maps = analysis.rollout_map(
         analysis.attention_rollout(attention, _RESIDUAL_WEIGHT.value), grid_size,
@@ -101,15 +104,17 @@ def draw_posemb(paths):
 
 def draw_attention_distance(paths):
     model, _ = _model()
-    grid_size, patch_size, num_prefix_tokens = analysis.model_geometry(model)
-    images, _ = _images(paths, int(model.input_shape[1]))
+    _, patch_size, num_prefix_tokens = analysis.model_geometry(model)
+    image_size = inference.input_image_size(model, _IMAGE_SIZE.value)
+    images, _ = _images(paths, image_size)
+    grid_size = (image_size // patch_size,) * 2
     distances = analysis.mean_attention_distance(
         analysis.attention_maps(model, images), grid_size, patch_size, num_prefix_tokens)
     print("mean attention distance (pixels), layer x head:")
     for layer, row in enumerate(distances, 1):
         print(f"  layer {layer:2d}: " + " ".join(f"{d:6.1f}" for d in row))
     return figures.attention_distance_figure(
-        distances, image_size=int(model.input_shape[1]),
+        distances, image_size=image_size,
         title=f"{model.name}, {len(images)} images")
 
 

@@ -7,6 +7,7 @@ flag, what it holds and what would be accepted.
 """
 
 import dataclasses
+import math
 import re
 
 from keras_vit.training.distillation import DISTILLATION_KINDS
@@ -160,6 +161,22 @@ class TrainConfig:
     log_every_steps: int = _flag(
         100, "Write training scalars (loss, learning rate, images/s) to TensorBoard every this "
              "many updates.")
+    fewshot_every_steps: int = _flag(
+        0, "Few-shot linear accuracy of the pre-logits (big_vision's fewshot_lsr) to "
+           "TensorBoard every this many updates (a multiple of checkpoint_every_steps); "
+           "0 = never.")
+    fewshot_train: str = _flag("", "Data the shots are drawn from; empty = --train_data.")
+    fewshot_train_split: str = _flag("", "Its split; empty = --train_split.")
+    fewshot_test: str = _flag(
+        "", "Data few-shot accuracy is measured on; empty = --fewshot_train where given, else "
+            "--eval_data (else --train_data).")
+    fewshot_test_split: str = _flag("", "Its split; empty = --eval_split.")
+    fewshot_shots: str = _flag("1,5,10,25", "Images per class of each few-shot problem.")
+    fewshot_seeds: int = _flag(3, "Draws of the shots; accuracy is their mean.")
+    fewshot_l2_reg: float = _flag(2.0 ** 10, "Ridge regulariser (big_vision: 2^10).")
+    fewshot_train_examples: int = _flag(
+        0, "Read the first N examples of the few-shot training split (big_vision: 65000 of "
+           "ImageNet's); 0 = all.")
     keep_checkpoints: int = _flag(
         5, "Keep the newest N files in MODEL_DIR/checkpoints (0 = all).")
     seed: int = _flag(0, "Seed of initialization, data order and augmentation.")
@@ -344,6 +361,24 @@ def _check_chunks(config):
               f"{micro_steps} micro-steps.")
 
 
+def _check_fewshot(config):
+    """--fewshot_* hold positive counts, and the probe runs at a chunk boundary."""
+    if config.fewshot_every_steps < 0 or config.fewshot_every_steps % config.checkpoint_every_steps:
+        _fail("fewshot_every_steps", config.fewshot_every_steps,
+              f"must be 0 (off) or a multiple of --checkpoint_every_steps="
+              f"{config.checkpoint_every_steps}.")
+    if not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", config.fewshot_shots):
+        _fail("fewshot_shots", config.fewshot_shots,
+              "expected positive integers such as 1,5,10,25.")
+    if config.fewshot_seeds < 1:
+        _fail("fewshot_seeds", config.fewshot_seeds, "expected >= 1.")
+    if not (math.isfinite(config.fewshot_l2_reg) and config.fewshot_l2_reg > 0):
+        _fail("fewshot_l2_reg", config.fewshot_l2_reg, "expected a finite number > 0.")
+    if config.fewshot_train_examples < 0:
+        _fail("fewshot_train_examples", config.fewshot_train_examples,
+              "expected >= 1, or 0 for all.")
+
+
 def _check_randaugment_format(config):
     if config.randaugment and not re.fullmatch(r"\d+,\d+", config.randaugment):
         _fail("randaugment", config.randaugment, "expected 'NUM_LAYERS,MAGNITUDE' such as '2,10'.")
@@ -399,6 +434,7 @@ def validate(config, num_replicas=1):
     _check_batch_divisibility(config, num_replicas)
     _check_chunks(config)
     _check_randaugment_format(config)
+    _check_fewshot(config)
     _check_ema_and_distillation(config)
     _check_tpu(config)
     return config

@@ -20,6 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 import pipelines
+from keras_vit import probes
 from keras_vit.class_names import fallback_class_names, write_class_names
 from keras_vit.loading import MODEL_FILENAME
 from keras_vit.model import create_model
@@ -30,6 +31,7 @@ from keras_vit.training import distillation
 from keras_vit.training import ema as ema_lib
 from keras_vit.training import strategy as strategy_lib
 from keras_vit.training.config import MIXED_PRECISION, ConfigError, parse_model, validate
+from keras_vit.training.fewshot_logging import FewshotLogging
 from keras_vit.training.losses import ClassificationLoss
 from keras_vit.training.metrics import TopKAccuracy
 from keras_vit.training.multi_worker_fix import fix_multi_worker_fit
@@ -297,7 +299,7 @@ def examples_to_skip(config, strategy, context, per_replica_batch, resume_step):
     return resume_step * config.grad_accum_steps * replicas_per_pipeline * per_replica_batch
 
 
-def make_callbacks(config, strategy, chief, eval_data=None, resume_step=None):
+def make_callbacks(config, strategy, chief, eval_data=None, resume_step=None, probe=None):
     """The callbacks of `fit`; the model directory's shared files are written by the chief only.
 
     Args:
@@ -308,6 +310,7 @@ def make_callbacks(config, strategy, chief, eval_data=None, resume_step=None):
             weights' (--ema_decay); None without --eval_data.
         resume_step: the step the workers of a multi-worker run agreed to resume from
             (`_resume_step`); its backup is the one restored. Unused outside multi-worker.
+        probe: the `fewshot_probe` the chief runs every --fewshot_every_steps; None: none.
 
     Returns:
         (callbacks, throughput): the list for `fit`, and its `StepAndThroughput`, whose
@@ -339,7 +342,41 @@ def make_callbacks(config, strategy, chief, eval_data=None, resume_step=None):
                                       global_batch_size=config.micro_batch_size),
             keras.callbacks.TensorBoard(logs, update_freq="epoch"),
         ]
+        if probe is not None:
+            callbacks.append(FewshotLogging(logs, config.fewshot_every_steps, probe,
+                                            config.grad_accum_steps))
     return callbacks, throughput
+
+
+def fewshot_probe(config, student, strategy):
+    """--fewshot_every_steps' `probes.Probe` of `student`, its splits defaulting to the run's
+    data: the shots from --train_data, scored on --eval_data; with --fewshot_train given,
+    scored on that dataset too (another dataset's images cannot be scored with its shots).
+
+    Raises:
+        FewshotError: the model is not a keras_vit ViT, or the data are missing or of other
+            classes (before any training).
+    """
+    train = config.fewshot_train or config.train_data
+    default_test = (config.fewshot_train if config.fewshot_train
+                    else config.eval_data or config.train_data)
+    data = probes.ProbeData(
+        train=train, train_split=config.fewshot_train_split or config.train_split,
+        test=config.fewshot_test or default_test,
+        test_split=config.fewshot_test_split or config.eval_split,
+        max_train_examples=config.fewshot_train_examples or None,
+        tfds_data_dir=config.tfds_data_dir or None)
+    if data.train == config.train_data and data.max_train_examples is None:
+        logging.warning("Each few-shot probe reads all of %s split '%s' for its shots; "
+                        "--fewshot_train_examples=N reads the first N only (big_vision: "
+                        "65000 of ImageNet's).", data.train, data.train_split)
+    settings = probes.ProbeSettings(
+        shots=tuple(int(shots) for shots in config.fewshot_shots.split(",")),
+        seeds=config.fewshot_seeds, l2_reg=config.fewshot_l2_reg)
+    # One device runs the probe: one replica's share of the batch fits where training does.
+    batch_size = max(1, config.micro_batch_size // strategy.num_replicas_in_sync)
+    return probes.Probe(student, data, settings, image_size=config.image_size,
+                        batch_size=batch_size)
 
 
 def _create_strategy(config):
@@ -553,8 +590,10 @@ def train(config):
         resume_step = _resume_step(config, strategy, chief)
         datasets = make_datasets(config, strategy, num_classes, resume_step,
                                  input_normalization(student))
+        probe = (fewshot_probe(config, student, strategy)
+                 if chief and config.fewshot_every_steps else None)
         callbacks, throughput = make_callbacks(config, strategy, chief, datasets[1],
-                                               resume_step)
+                                               resume_step, probe)
         train_seconds = _fit(model, config, datasets, callbacks, verbose)
         evaluation = _final_evaluation(model, config, datasets[1], verbose)
         results = {
