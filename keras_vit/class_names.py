@@ -11,8 +11,6 @@ import importlib.resources
 import json
 import os
 
-import tensorflow as tf
-
 from pipelines.errors import MissingFileError, UserError
 
 CLASS_NAMES_FILENAME = "class_names.json"
@@ -56,6 +54,8 @@ def read_class_names(path):
         UserError: the file is not UTF-8 text, or a .json file is not a JSON list of strings;
             the message names the file.
     """
+    import tensorflow as tf  # Here: the model code imports no TensorFlow (JAX hosts lack it).
+
     if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
         raise MissingFileError(f"Class-names file {path} does not exist.")
     try:
@@ -82,6 +82,8 @@ def read_class_names(path):
 
 def write_class_names(class_names, directory):
     """Writes `directory/class_names.json`; returns its path."""
+    import tensorflow as tf  # Here, as in read_class_names.
+
     path = os.path.join(directory, CLASS_NAMES_FILENAME)
     with tf.io.gfile.GFile(path, "w") as stream:  # any file system: gs://, ...
         stream.write(json.dumps(list(class_names), indent=1))

@@ -90,7 +90,7 @@ def _local_copy(path, local_dir):
     Raises:
         MissingFileError: `path` does not exist.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # Here: the model code imports no TensorFlow (JAX hosts lack it).
 
     if not tf.io.gfile.exists(path):
         raise MissingFileError(f"{path} does not exist.")

@@ -131,7 +131,7 @@ def test_fewshot_accuracies_score_the_hand_drawn_shots_per_seed():
 def test_a_short_class_is_named_in_one_warning(caplog):
     labels = np.array([0] * 30 + [1] * 30 + [2] * 4)
     features = np.random.default_rng(8).normal(size=(len(labels), 5))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="absl"):
         fewshot.fewshot_accuracies(features, labels, features, labels, shots=(1, 5, 10),
                                    seeds=3)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -235,7 +235,7 @@ def _image_batches(num_examples=10, batch_size=4, num_classes=3):
 def test_extract_features_equals_the_model_and_the_argmax_labels(caplog):
     model = _dense_model()
     images, labels, dataset = _image_batches()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):  # whatever verbosity another test left
         features, found = fewshot.extract_features(model, dataset, log_every=1)
     assert features.dtype == np.float32 and found.dtype == np.int64
     np.testing.assert_allclose(features, keras.ops.convert_to_numpy(model(images)), rtol=1e-6)
