@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 import pipelines
+from keras_vit.model import built_image_size
 from pipelines.errors import MissingFileError, UserError
 from pipelines.preprocess import sniff_format
 
@@ -58,15 +59,17 @@ def input_image_size(model, requested=None, flag="--image_size"):
     given, else the size its position embedding was built for.
 
     Raises:
-        UserError: a fixed-size model and another `requested` size (only a checkpoint can be
-            resampled, when it is loaded); a dynamic model and a size that is not a positive
-            multiple of its patch; a dynamic model built for a non-square size and no request.
+        UserError: a fixed-size model that is not square, or another `requested` size (only a
+            checkpoint can be resampled, when it is loaded); a dynamic model and a size that is
+            not a positive multiple of its patch; a dynamic model built for a non-square size
+            and no request.
     """
-    from keras_vit.model import built_image_size
-
     height, width = model.input_shape[1:3]
     if height is not None:
-        if requested and (requested, requested) != (height, width):
+        if height != width:
+            raise UserError(f"The model takes {height}x{width} images; the tools read square "
+                            "ones (the evaluation preprocessing resizes to a square).")
+        if requested and requested != height:
             raise UserError(
                 f"{flag}={requested} but the model takes {height}x{width} images; a saved Keras "
                 "model of fixed size cannot change it (a checkpoint is resampled when loaded; a "
@@ -75,8 +78,9 @@ def input_image_size(model, requested=None, flag="--image_size"):
     patch_size = int(model.get_layer("patch_embedding").patch_size)
     if requested:
         if requested % patch_size:
+            nearest = max(1, requested // patch_size) * patch_size
             raise UserError(f"{flag}={requested} is not a multiple of the model's patch size "
-                            f"{patch_size}: pass e.g. {max(1, requested // patch_size) * patch_size}.")
+                            f"{patch_size}: pass e.g. {nearest}.")
         return int(requested)
     built_height, built_width = built_image_size(model)
     if built_height != built_width:

@@ -50,8 +50,9 @@ class Probe:
 
     Making it builds the pre-logits extractor (a `FewshotError` for a model that is not a
     keras_vit ViT) and the input pipelines of both splits (missing data, an empty split or
-    two datasets of different class counts are errors), so a run learns of a bad probe
-    before it trains; `run` then reads the splits with the model's current weights.
+    two datasets whose dataset infos list different classes are errors), so a run learns of
+    a bad probe before it trains; `run` then reads the splits with the model's current
+    weights.
 
     Args:
         model: a keras_vit classifier (any pooling and token options); its own layers are

@@ -236,5 +236,9 @@ def test_a_fixed_model_refuses_another_image_size(dynamic_model_dir):
     assert inference.input_image_size(fixed) == 16
     with pytest.raises(keras_vit.UserError, match="--image_size=32 but the model takes 16x16"):
         inference.input_image_size(fixed, 32)
+    wide = keras_vit.create_model(keras_vit.parse_variant("d32_l2_h4_m64_p4"),
+                                  image_size=(16, 24), num_classes=10)
+    with pytest.raises(keras_vit.UserError, match="takes 16x24 images; the tools read square"):
+        inference.input_image_size(wide)
     assert inference.input_image_size(dynamic_model_dir[1]) == 16
     assert inference.input_image_size(dynamic_model_dir[1], 32) == 32
