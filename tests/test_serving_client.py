@@ -69,6 +69,7 @@ def test_rest_request_for_pixels():
     ({"signature_name": "predict_pixels", "image_bytes": [b"a"]}, "takes images"),
     ({"image_bytes": []}, "No images"),
     ({"signature_name": "predict_pixels", "images": np.zeros((2, 2, 3))}, "got shape"),
+    ({"signature_name": "explain", "images": np.zeros((1, 2, 2, 3))}, "takes image_bytes"),
 ])
 def test_bad_inputs_are_refused(kwargs, message, predict_pb2):
     with pytest.raises(ValueError, match=message):
@@ -119,6 +120,15 @@ def test_parse_rest_response():
         client.parse_rest_response({"error": "input is not a decodable image: ..."})
     with pytest.raises(client.ServingError, match="got keys"):
         client.parse_rest_response({"predictions": [[0.7, 0.3]]})
+
+
+def test_explain_requests_carry_the_images_and_answers_their_rollout():
+    body = client.rest_request(signature_name="explain", image_bytes=[b"abc"])
+    assert body == {"signature_name": "explain", "instances": [{"b64": "YWJj"}]}
+    answer = {"predictions": [{"classes": [1], "scores": [0.9], "labels": ["dog"],
+                               "attention_rollout": [[1.0, 0.5], [0.25, 0.0]]}]}
+    assert client.parse_rest_response(answer) == [
+        client.Prediction(["dog"], [0.9], [1], attention_rollout=[[1.0, 0.5], [0.25, 0.0]])]
 
 
 def test_parse_grpc_response(predict_pb2):
@@ -184,7 +194,7 @@ def test_grpc_request_fits_the_exported_signatures(tmp_path, monkeypatch, predic
     np.savez(tmp_path / "tiny.npz", **arrays)
     exported = serving.export_classifier(keras_vit.from_npz(str(tmp_path / "tiny.npz")),
                                          str(tmp_path / "export"), class_names=["a", "b", "c"],
-                                         top_k=2)
+                                         top_k=2, signatures=["explain"])
     loaded = tf.saved_model.load(exported.path)
     png = tf.io.encode_png(tf.zeros([5, 7, 3], tf.uint8)).numpy()
     pixels = np.full((1, 8, 8, 3), 127.5, np.float32)
@@ -211,6 +221,15 @@ def test_grpc_request_fits_the_exported_signatures(tmp_path, monkeypatch, predic
         assert len(predictions) == 1 and set(predictions[0].labels) <= {"a", "b", "c"}
     assert by_pixels[0].classes == direct["classes"].numpy()[0].tolist()
     np.testing.assert_allclose(by_pixels[0].scores, direct["scores"].numpy()[0], rtol=1e-6)
+    assert by_bytes[0].attention_rollout is None  # serving_default has no map
+
+    (explained,) = client.predict_grpc("localhost:8500", "vit", signature_name="explain",
+                                       image_bytes=[png])
+    direct = loaded.signatures["explain"](image_bytes=tf.constant([png]))
+    assert explained.classes == by_bytes[0].classes
+    np.testing.assert_allclose(explained.attention_rollout,
+                               direct["attention_rollout"].numpy()[0], rtol=1e-6)
+    assert np.array(explained.attention_rollout).shape == (2, 2)  # the 2 x 2 patch grid
 
 
 def test_missing_grpc_package_is_explained(monkeypatch):
@@ -236,3 +255,14 @@ def test_tool_reports_an_unreachable_server_and_bad_flags(tmp_path):
     assert result.returncode != 0 and "needs --image_size" in result.stderr
     result = _run_tool(str(tmp_path / "missing.jpg"))
     assert result.returncode != 0 and "missing.jpg is not a file" in result.stderr
+
+
+def test_tool_prints_the_rollout_of_explain_as_json():
+    import keras_vit_tools.serving_client as tool  # tools/, installed as keras_vit_tools
+
+    line = json.loads(tool._json_line("cat.png", client.Prediction(
+        ["dog"], [0.9], [1], attention_rollout=[[1.0, float("nan")], [0.123456789, 0.0]])))
+    assert line == {"file": "cat.png", "labels": ["dog"], "scores": [0.9], "classes": [1],
+                    "attention_rollout": [[1.0, None], [0.123457, 0.0]]}
+    assert "attention_rollout" not in json.loads(
+        tool._json_line("cat.png", client.Prediction(["dog"], [0.9], [1])))

@@ -3,6 +3,7 @@ r"""Sends image files to a TensorFlow Serving model exported by tools/export.py;
     python tools/serving_client.py --server=localhost:8501 cat.jpg dog.png
     python tools/serving_client.py --protocol=grpc --server=localhost:8500 --model_name=vit cat.jpg
     python tools/serving_client.py --signature=predict_pixels --image_size=224 cat.jpg
+    python tools/serving_client.py --signature=explain cat.jpg     # + the attention rollout
 
 With --signature=predict_pixels the files are decoded and resized here, by the same
 `pipelines.preprocess_for_eval` the server's serving_default runs. gRPC needs
@@ -30,8 +31,11 @@ _PROTOCOL = flags.DEFINE_enum("protocol", "rest", ["rest", "grpc"], "Request pro
 _MODEL_NAME = flags.DEFINE_string("model_name", "vit", "Model name in TF Serving's config.")
 _MODEL_VERSION = flags.DEFINE_integer("model_version", None, "Version; default: the latest.")
 _SIGNATURE = flags.DEFINE_enum(
-    "signature", client.SERVING_SIGNATURE, [client.SERVING_SIGNATURE, client.PIXELS_SIGNATURE],
-    "serving_default sends the encoded files; predict_pixels sends decoded float pixels.")
+    "signature", client.SERVING_SIGNATURE,
+    [client.SERVING_SIGNATURE, client.PIXELS_SIGNATURE, client.EXPLAIN_SIGNATURE],
+    "serving_default sends the encoded files; predict_pixels sends decoded float pixels; "
+    "explain (an export with --signatures=...,explain) sends the files and also prints each "
+    "one's attention rollout over the patch grid.")
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", None, "predict_pixels only: the model's input size.")
 _CENTRAL_CROP_FRACTION = flags.DEFINE_float(
@@ -54,8 +58,12 @@ def _pixels(paths):
 
 def _json_line(path, prediction):
     scores = [round(score, 6) if math.isfinite(score) else None for score in prediction.scores]
-    return json.dumps({"file": path, "labels": prediction.labels, "scores": scores,
-                       "classes": prediction.classes}, allow_nan=False)
+    line = {"file": path, "labels": prediction.labels, "scores": scores,
+            "classes": prediction.classes}
+    if prediction.attention_rollout is not None:
+        line["attention_rollout"] = [[round(value, 6) if math.isfinite(value) else None
+                                      for value in row] for row in prediction.attention_rollout]
+    return json.dumps(line, allow_nan=False)
 
 
 def main(argv):

@@ -9,7 +9,8 @@ Builds (and sends) the two kinds of Predict request TF Serving accepts:
            (model_spec.name / signature_name / version, inputs["image_bytes"] a DT_STRING
            tensor of shape (batch,), or inputs["images"] DT_FLOAT (batch, H, W, 3))
 
-and reads either answer into one `Prediction` per image. gRPC needs the optional
+(the `explain` signature takes image_bytes as serving_default does) and reads either answer
+into one `Prediction` per image, with explain's `attention_rollout` map. gRPC needs the optional
 `tensorflow-serving-api` package (`pip install tensorflow-serving-api`).
 
 `timeout` is one total deadline per request: gRPC's own deadline, and for REST a worker thread
@@ -33,13 +34,18 @@ import numpy as np
 
 from keras_vit.serving.signatures import (
     BYTES_INPUT,
+    EXPLAIN_SIGNATURE,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
     SERVING_SIGNATURE,
 )
 from pipelines.errors import MissingExtraError, UserError
 
-_INPUT_OF_SIGNATURE = {SERVING_SIGNATURE: BYTES_INPUT, PIXELS_SIGNATURE: PIXELS_INPUT}
+# The classifying signatures the client speaks: encoded images or pixels in, top-k out (and
+# explain's rollout map). `features` answers no top-k: any TF Serving client reads it.
+_INPUT_OF_SIGNATURE = {SERVING_SIGNATURE: BYTES_INPUT, PIXELS_SIGNATURE: PIXELS_INPUT,
+                       EXPLAIN_SIGNATURE: BYTES_INPUT}
+ROLLOUT_OUTPUT = "attention_rollout"  # explain's (batch, gh, gw) map, what the client reads
 
 
 class ServingError(UserError, RuntimeError):
@@ -54,6 +60,8 @@ class Prediction:
     labels: list[str]
     scores: list[float]
     classes: list[int]
+    # explain only: the attention rollout over the patch grid, rows of floats in [0, 1]
+    attention_rollout: list[list[float]] | None = None
 
 
 def _require_grpc_api():
@@ -72,7 +80,7 @@ def _check_inputs(signature_name, image_bytes, images):
     if signature_name not in _INPUT_OF_SIGNATURE:
         raise ValueError(
             f"signature_name must be one of {sorted(_INPUT_OF_SIGNATURE)}, got {signature_name!r}.")
-    expects_bytes = signature_name == SERVING_SIGNATURE
+    expects_bytes = _INPUT_OF_SIGNATURE[signature_name] == BYTES_INPUT
     given = image_bytes if expects_bytes else images
     other = images if expects_bytes else image_bytes
     if given is None or other is not None:
@@ -102,13 +110,14 @@ def rest_request(*, signature_name=SERVING_SIGNATURE, image_bytes=None, images=N
     """The JSON body of a REST Predict request, in TF Serving's row ("instances") format.
 
     Args:
-        signature_name: "serving_default" (with image_bytes) or "predict_pixels" (with images).
+        signature_name: "serving_default" or "explain" (with image_bytes), or
+            "predict_pixels" (with images).
         image_bytes: list of encoded images (bytes); sent base64 encoded as {"b64": ...}, the
             REST API's way of carrying binary DT_STRING values.
         images: float (batch, H, W, 3) pixels in [0, 255]; sent as nested lists.
     """
     inputs = _check_inputs(signature_name, image_bytes, images)
-    if signature_name == SERVING_SIGNATURE:
+    if _INPUT_OF_SIGNATURE[signature_name] == BYTES_INPUT:
         instances = [{"b64": base64.b64encode(data).decode("ascii")} for data in inputs]
     else:
         instances = inputs.tolist()
@@ -127,7 +136,7 @@ def grpc_request(model_name: str, *, signature_name=SERVING_SIGNATURE, image_byt
     request.model_spec.signature_name = signature_name
     if version:
         request.model_spec.version.value = int(version)
-    if signature_name == SERVING_SIGNATURE:
+    if _INPUT_OF_SIGNATURE[signature_name] == BYTES_INPUT:
         tensor = tf.make_tensor_proto(inputs, dtype=tf.string, shape=[len(inputs)])
     else:
         tensor = tf.make_tensor_proto(inputs, dtype=tf.float32, shape=inputs.shape)
@@ -135,10 +144,11 @@ def grpc_request(model_name: str, *, signature_name=SERVING_SIGNATURE, image_byt
     return request
 
 
-def _prediction(labels, scores, classes):
+def _prediction(labels, scores, classes, rollout=None):
     labels = [label.decode("utf-8") if isinstance(label, bytes) else str(label) for label in labels]
+    rollout = None if rollout is None else [[float(v) for v in row] for row in rollout]
     return Prediction(labels=labels, scores=[float(s) for s in scores],
-                      classes=[int(c) for c in classes])
+                      classes=[int(c) for c in classes], attention_rollout=rollout)
 
 
 def parse_rest_response(body: dict) -> list[Prediction]:
@@ -146,8 +156,8 @@ def parse_rest_response(body: dict) -> list[Prediction]:
     if "error" in body:
         raise ServingError(f"TF Serving answered with an error: {body['error']}")
     try:
-        return [_prediction(row["labels"], row["scores"], row["classes"])
-                for row in body["predictions"]]
+        return [_prediction(row["labels"], row["scores"], row["classes"],
+                            row.get(ROLLOUT_OUTPUT)) for row in body["predictions"]]
     except (KeyError, TypeError) as error:
         raise ServingError(
             "Expected {\"predictions\": [{\"labels\", \"scores\", \"classes\", ...}]} from a model "
@@ -165,11 +175,15 @@ def parse_grpc_response(response) -> list[Prediction]:
             "model exported by keras_vit?")
     labels, scores, classes = (
         tf.make_ndarray(response.outputs[key]) for key in ("labels", "scores", "classes"))
-    if not len(labels) == len(scores) == len(classes):
+    rollouts = (tf.make_ndarray(response.outputs[ROLLOUT_OUTPUT])
+                if ROLLOUT_OUTPUT in response.outputs else [None] * len(labels))
+    if not len(labels) == len(scores) == len(classes) == len(rollouts):
         raise ServingError(
             f"The response's outputs disagree on the number of images: labels {len(labels)}, "
-            f"scores {len(scores)}, classes {len(classes)}.")
-    return [_prediction(*row) for row in zip(labels, scores, classes)]
+            f"scores {len(scores)}, classes {len(classes)}"
+            + (f", {ROLLOUT_OUTPUT} {len(rollouts)}." if ROLLOUT_OUTPUT in response.outputs
+               else "."))
+    return [_prediction(*row) for row in zip(labels, scores, classes, rollouts)]
 
 
 def _num_images(image_bytes=None, images=None, **_):
