@@ -257,12 +257,10 @@ def test_tool_reports_an_unreachable_server_and_bad_flags(tmp_path):
     assert result.returncode != 0 and "missing.jpg is not a file" in result.stderr
 
 
-def test_tool_prints_the_rollout_of_explain_as_json():
-    import keras_vit_tools.serving_client as tool  # tools/, installed as keras_vit_tools
-
-    line = json.loads(tool._json_line("cat.png", client.Prediction(
+def test_the_tools_json_line_carries_explain_s_rollout():
+    line = json.loads(client.json_line("cat.png", client.Prediction(
         ["dog"], [0.9], [1], attention_rollout=[[1.0, float("nan")], [0.123456789, 0.0]])))
     assert line == {"file": "cat.png", "labels": ["dog"], "scores": [0.9], "classes": [1],
                     "attention_rollout": [[1.0, None], [0.123457, 0.0]]}
-    assert "attention_rollout" not in json.loads(
-        tool._json_line("cat.png", client.Prediction(["dog"], [0.9], [1])))
+    line = json.loads(client.json_line("cat.png", client.Prediction(["dog"], [float("inf")], [1])))
+    assert line == {"file": "cat.png", "labels": ["dog"], "scores": [None], "classes": [1]}

@@ -13,8 +13,6 @@ the connection or does not answer one prediction per file stops the command with
 (`error: ...`, exit status 2) and nothing printed.
 """
 
-import json
-import math
 import os
 import pathlib
 
@@ -56,16 +54,6 @@ def _pixels(paths):
     return inference.load_images(paths, _IMAGE_SIZE.value, _CENTRAL_CROP_FRACTION.value)
 
 
-def _json_line(path, prediction):
-    scores = [round(score, 6) if math.isfinite(score) else None for score in prediction.scores]
-    line = {"file": path, "labels": prediction.labels, "scores": scores,
-            "classes": prediction.classes}
-    if prediction.attention_rollout is not None:
-        line["attention_rollout"] = [[round(value, 6) if math.isfinite(value) else None
-                                      for value in row] for row in prediction.attention_rollout]
-    return json.dumps(line, allow_nan=False)
-
-
 def main(argv):
     paths = argv[1:]
     if not paths:
@@ -86,7 +74,7 @@ def main(argv):
                           timeout=_TIMEOUT.value, signature_name=_SIGNATURE.value, **inputs)
     # predict_* raise a ServingError unless there is one prediction per file.
     for path, prediction in zip(paths, predictions, strict=True):
-        print(_json_line(path, prediction))
+        print(client.json_line(path, prediction))
 
 
 def run():

@@ -26,6 +26,7 @@ import base64
 import dataclasses
 import http.client
 import json
+import math
 import threading
 import urllib.error
 import urllib.request
@@ -142,6 +143,21 @@ def grpc_request(model_name: str, *, signature_name=SERVING_SIGNATURE, image_byt
         tensor = tf.make_tensor_proto(inputs, dtype=tf.float32, shape=inputs.shape)
     request.inputs[_INPUT_OF_SIGNATURE[signature_name]].CopyFrom(tensor)
     return request
+
+
+def json_line(path, prediction) -> str:
+    """One image's answer as the JSON line tools/serving_client.py prints: file, labels,
+    scores, classes (and explain's attention_rollout); a value that is not finite is null."""
+    def finite(value):
+        return round(value, 6) if math.isfinite(value) else None
+
+    line = {"file": path, "labels": prediction.labels,
+            "scores": [finite(score) for score in prediction.scores],
+            "classes": prediction.classes}
+    if prediction.attention_rollout is not None:
+        line["attention_rollout"] = [[finite(value) for value in row]
+                                     for row in prediction.attention_rollout]
+    return json.dumps(line, allow_nan=False)
 
 
 def _prediction(labels, scores, classes, rollout=None):
