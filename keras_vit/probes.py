@@ -70,12 +70,14 @@ class Probe:
             raise fewshot.FewshotError(f"Cannot probe this model: {error}") from error
         self.features_model = _one_device_call(extractor)
         self.data, self.settings = data, settings
-        self._read = dict(image_size=image_size, batch_size=batch_size,
-                          central_crop_fraction=eval_crop_fraction(model),
-                          tfds_data_dir=data.tfds_data_dir)
         _check_same_classes(data)
-        for source, split in ((data.train, data.train_split), (data.test, data.test_split)):
-            _split_dataset(source, split, **self._read)
+        read = dict(image_size=image_size, batch_size=batch_size,
+                    central_crop_fraction=eval_crop_fraction(model),
+                    tfds_data_dir=data.tfds_data_dir)
+        # Built (and their shards checked) once; every `run` iterates them again.
+        self._datasets = {(source, split): _split_dataset(source, split, **read)
+                          for source, split in ((data.train, data.train_split),
+                                                (data.test, data.test_split))}
 
     def run(self):
         """Few-shot accuracies (and the linear probe's) of the model's pre-logits.
@@ -114,9 +116,8 @@ class Probe:
         """(features float32 (N, D), labels int64 (N,)) of one split, each example once, in
         file order. A corrupt record stops the pass (`on_bad_record="fail"`): a probe on a
         silently smaller set would not compare between runs."""
-        dataset = _split_dataset(source, split, **self._read)
         try:
-            return fewshot.extract_features(self.features_model, dataset,
+            return fewshot.extract_features(self.features_model, self._datasets[source, split],
                                             max_examples=max_examples)
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
             text = error.message.split("assertion failed:", 1)[-1].strip().split("\n")[0]

@@ -103,8 +103,9 @@ def test_non_square_built_size_is_refused(tmp_path):
 
 
 def test_onnx_exports_a_dynamic_model_at_its_built_size(dynamic, tmp_path):
-    pytest.importorskip("tf2onnx")
-    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx", reason="tf2onnx is an export extra: pip install -e '.[export]'")
+    onnxruntime = pytest.importorskip(
+        "onnxruntime", reason="onnxruntime is an export extra: pip install -e '.[export]'")
     path = runtimes.export_onnx(dynamic, str(tmp_path / "vit.onnx"), top_k=2)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     (declared,) = session.get_inputs()
