@@ -171,6 +171,40 @@ def test_damaged_newest_backup_is_named_and_the_older_one_used(
     assert any(f"Skipping backup {newest}" in message for message in warnings), warnings
 
 
+def _replace_state_keeping_the_manifest_valid(source, destination):
+    """`destination`'s state file becomes `source`'s, its manifest rewritten to vouch for it:
+    a backup that passes every check of its manifest and still does not load as its step."""
+    state = destination / backup.STATE_FILENAME
+    shutil.copyfile(source / backup.STATE_FILENAME, state)
+    manifest = json.loads((destination / backup.MANIFEST_FILENAME).read_text())
+    manifest["files"][backup.STATE_FILENAME] = {"size": os.path.getsize(state),
+                                                "sha256": backup._sha256(str(state))}
+    (destination / backup.MANIFEST_FILENAME).write_text(json.dumps(manifest))
+
+
+def test_a_backup_that_does_not_load_is_skipped_with_the_data_of_the_older_one(
+        digits, finished_run, tmp_path, caplog):
+    # Truth: `finished_run`, the uninterrupted 30-step run of the same flags (TINY_FLAGS train
+    # deterministically). Step 30's backup holds step 20's state under a manifest that vouches
+    # for it, so it is found only when loaded; resuming from 20 with the data positioned for 30
+    # (480 examples skipped instead of 320) would end with other weights.
+    model_dir = tmp_path / "model"
+    shutil.copytree(finished_run, model_dir, symlinks=True)
+    os.remove(model_dir / "results.json")
+    newest = model_dir / "backup" / "step-0000030"
+    _replace_state_keeping_the_manifest_valid(model_dir / "backup" / "step-0000020", newest)
+    assert backup.newest_complete_step(str(model_dir / "backup")) == 30  # passes its checks
+    with caplog.at_level("INFO", logger="absl"):
+        results = train(tiny_config(digits, model_dir, total_steps=30))
+    assert results["resumed_from_step"] == 20 and results["steps"] == 30
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(f"Skipping backup {newest}: its optimizer state is at step 20, not 30" in m
+               for m in messages), messages
+    assert any("the training data skips the 320 examples" in m for m in messages), messages
+    for expected, found in zip(_final_weights(finished_run), _final_weights(model_dir)):
+        np.testing.assert_allclose(found, expected, rtol=0, atol=1e-6)
+
+
 def test_no_readable_backup_stops_instead_of_training_anew(digits, finished_run, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(finished_run, model_dir, symlinks=True)
@@ -394,13 +428,14 @@ def test_a_resumed_run_trains_on_the_examples_an_uninterrupted_run_sees(digits, 
         assert same == resume_data_position
 
 
-def _fit_agreeing(backup_dir, epochs, agreed_step=None):
+def _fit_agreeing(backup_dir, epochs, resume_step=None):
     """One-update epochs of a small model backed up into `backup_dir`, the callback told the
-    step the workers agreed on; returns the callback."""
+    step the run resumes from (in a multi-worker run, the one the workers agreed on); returns
+    the callback."""
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model.compile("adam", "mse")
     restore = backup.AtomicBackupAndRestore(str(backup_dir), updates_per_epoch=1,
-                                            agreed_step=agreed_step)
+                                            resume_step=resume_step)
     model.fit(np.ones((8, 4)), np.zeros((8, 3)), batch_size=8, epochs=epochs, verbose=0,
               callbacks=[restore])
     return restore
@@ -410,7 +445,13 @@ def test_an_agreed_step_restores_that_backup_or_stops(tmp_path):
     """Multi-worker resume: the backup of the agreed step, not this worker's newer one; a
     worker without it stops rather than train anew beside the others."""
     _fit_agreeing(tmp_path / "worker", epochs=2)  # backups of steps 1 and 2
-    assert _fit_agreeing(tmp_path / "worker", epochs=3, agreed_step=1).restored_step == 1
-    assert _fit_agreeing(tmp_path / "other", epochs=1, agreed_step=0).restored_step is None
+    assert _fit_agreeing(tmp_path / "worker", epochs=3, resume_step=1).restored_step == 1
+    assert _fit_agreeing(tmp_path / "other", epochs=1, resume_step=0).restored_step is None
     with pytest.raises(backup.BackupError, match="holds no backup of it"):
-        _fit_agreeing(tmp_path / "worker", epochs=4, agreed_step=1)  # pruned by the run above
+        _fit_agreeing(tmp_path / "worker", epochs=4, resume_step=1)  # pruned by the run above
+    # Backups of 2 and 3 remain; 3 holds 2's state under a manifest that vouches for it.
+    _replace_state_keeping_the_manifest_valid(tmp_path / "worker" / "step-0000002",
+                                              tmp_path / "worker" / "step-0000003")
+    with pytest.raises(backup.UnloadableBackupError, match="step-0000003 does not load") as error:
+        _fit_agreeing(tmp_path / "worker", epochs=4, resume_step=3)
+    assert error.value.step == 3

@@ -65,6 +65,16 @@ class BackupError(UserError):
     """A backup or checkpoint cannot be written (disk full) or none of them can be read."""
 
 
+class UnloadableBackupError(BackupError):
+    """The backup a run resumes from passed its manifest's checks but does not load (another
+    model's state, an optimizer at another step). A single-worker run resumes from the next
+    older backup instead (`engine.train`); `step` and `path` name this one."""
+
+    def __init__(self, message, step, path):
+        super().__init__(message)
+        self.step, self.path = step, path
+
+
 def _fault_point(stage, step):
     """Injects the fault that `FAULT_ENV` names for (`stage`, `step`); nothing when unset."""
     spec = os.environ.get(FAULT_ENV, "")
@@ -285,16 +295,60 @@ def list_backups(backup_dir):
     return sorted(found, reverse=True)
 
 
-def newest_complete_step(backup_dir):
-    """The step of the newest backup in `backup_dir` that passes `check_backup`, 0 when none:
-    the step a restart resumes from (unless loading that backup then fails)."""
+def newest_complete_step(backup_dir, below=None, earlier_failures=()):
+    """The step of the newest backup in `backup_dir` that passes `check_backup`: the step a
+    restart resumes from. Each backup that fails its check is named in a warning and skipped.
+
+    Args:
+        backup_dir: a directory of `step-N` backups (it may not exist).
+        below: only backups of a smaller step count (None: all); the engine passes the step of
+            a backup that did not load.
+        earlier_failures: "path: why" of backups already found unusable, for the message.
+
+    Returns:
+        The step, or 0 when there is no backup (older than `below`) at all.
+
+    Raises:
+        BackupError: there are backups, but none passes its check: starting anew would prune
+            them, so the user decides.
+    """
+    failures = list(earlier_failures)
     for step, path in list_backups(backup_dir):
+        if below is not None and step >= below:
+            continue
         try:
             check_backup(path, step)
-        except (OSError, tf.errors.OpError, ValueError):
+        except (OSError, tf.errors.OpError, ValueError) as error:
+            logging.warning("Skipping backup %s: %s.", path, error)
+            failures.append(f"{path}: {error}")
             continue
         return step
+    if failures:
+        raise BackupError(
+            f"None of the backups in {backup_dir} can be restored (" + "; ".join(failures)
+            + "). Put a good copy back, or move the directory away to train anew.")
     return 0
+
+
+def keras_backup_step(backup_dir, updates_per_epoch):
+    """The update step of the files Keras's `BackupAndRestore` left in `backup_dir` (this
+    project's backup before this module), None when there are none.
+
+    Raises:
+        BackupError: its metadata file does not say an epoch.
+    """
+    state = os.path.join(backup_dir, LATEST_LINK)
+    metadata = os.path.join(backup_dir, KERAS_METADATA)
+    # A link is this module's own `latest.weights.h5` (local file systems only).
+    if os.path.islink(state) or not (_is_file(state) and _is_file(metadata)):
+        return None
+    try:
+        with tf.io.gfile.GFile(metadata) as stream:
+            return int(json.load(stream)["epoch"]) * updates_per_epoch
+    except (OSError, tf.errors.OpError, ValueError, KeyError, TypeError) as error:
+        raise BackupError(
+            f"The Keras backup in {backup_dir} ({LATEST_LINK}, {KERAS_METADATA}) cannot be "
+            f"restored: {error}. Move the directory away to train anew.") from error
 
 
 def check_backup(path, step):
@@ -342,7 +396,7 @@ def _check_manifest_layout(manifest):
 
 
 class AtomicBackupAndRestore(keras.callbacks.Callback):
-    """Backs up the training state at each epoch end; restores the newest good one at start.
+    """Backs up the training state at each epoch end; restores a backup at the start of `fit`.
 
     Keras epoch = `updates_per_epoch` optimizer updates (see `engine._fit`), so a backup sits
     on a chunk boundary and its step gives the epoch to resume at. The newest two complete
@@ -351,103 +405,107 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
     Args:
         backup_dir: the directory of this process's backups (each worker has its own).
         updates_per_epoch: optimizer updates per Keras epoch (--checkpoint_every_steps).
-        agreed_step: in a multi-worker run, the step all workers resume from (the smallest of
-            their newest complete backups, `strategy.smallest_over_workers`): newer backups of
-            this worker are ignored, and this one must load (0: start anew). A worker killed
-            between two others' backups is then one interval behind them, and they all go
-            back to the backup they share (each keeps two). None: the newest that loads.
+        resume_step: the step the run resumes from, as `engine._resume_step` chose it (the
+            input pipeline skips that many updates' examples): that backup is restored, or
+            `UnloadableBackupError` raised (0: start anew). In a multi-worker run the smallest
+            of the workers' newest complete backups (`strategy.smallest_over_workers`), so this
+            worker's newer ones are ignored. None: the newest backup that loads.
+        verified: the backup of `resume_step` was checked against its manifest already
+            (`newest_complete_step`), so it is not hashed again.
 
     Attributes:
         restored_step: the update step restored at the start of `fit` (None: started anew).
     """
 
-    def __init__(self, backup_dir, updates_per_epoch, agreed_step=None):
+    def __init__(self, backup_dir, updates_per_epoch, resume_step=None, verified=False):
         super().__init__()
         self.backup_dir = backup_dir
         self.updates_per_epoch = int(updates_per_epoch)
-        self.agreed_step = agreed_step
+        self.resume_step = resume_step
+        self.verified = verified
         self.restored_step = None
         self._kept = None  # the newest complete backup, kept until the next one is complete
 
     def on_train_begin(self, logs=None):
         self.restored_step = None
+        if self.resume_step is None:
+            self._restore_newest()
+        elif self.resume_step:
+            self._restore_step(self.resume_step)
+
+    def _restore_newest(self):
+        """The newest backup that loads, else Keras's files, else nothing (a new run)."""
         failures = []
-        for step, path in self._candidates():
+        for step, path in list_backups(self.backup_dir):
             failure = self._try_restore(step, path)
             if failure is None:
-                self.restored_step, self._kept = step, path
-                self.model._initial_epoch = step // self.updates_per_epoch
-                logging.info("Resumed from %s (update step %d).", path, step)
                 return
             failures.append(f"{path}: {failure}")
-            if self.agreed_step is not None:
-                break  # an older backup would leave this worker behind the others
-        if self.agreed_step and not failures:
-            raise BackupError(
-                f"The workers agreed to resume from update step {self.agreed_step}, but "
-                f"{self.backup_dir} holds no backup of it: copy another worker's "
-                f"{backup_name(self.agreed_step)} there (the same synchronous state), or move "
-                "every worker's backup directory away to train anew.")
-        if failures and self.agreed_step is not None:
-            raise BackupError(
-                f"The workers agreed to resume from update step {self.agreed_step}, but this "
-                f"worker's backup of it does not load ({failures[0]}). Put a good copy back "
-                "(another worker's backup of the same step holds the same state), or move "
-                "every worker's backup directory away to train anew.")
         if failures:
             # Starting anew would prune them: the user decides.
             raise BackupError(
                 f"None of the backups in {self.backup_dir} can be restored ("
                 + "; ".join(failures) + "). Put a good copy back, or move the directory away "
                 "to train anew.")
-        if self.agreed_step is None:  # Keras's files carry no step the workers agreed on
-            self._restore_keras_backup()
+        step = keras_backup_step(self.backup_dir, self.updates_per_epoch)
+        if step is not None:
+            self._restore_keras_backup(step)
 
-    def _candidates(self):
-        """(step, path) of the backups to try, newest first: with `agreed_step`, that one only."""
+    def _restore_step(self, step):
+        """The backup of `step` (or Keras's files of it); no other."""
         backups = list_backups(self.backup_dir)
-        if self.agreed_step is None:
-            return backups
-        newer = [path for step, path in backups if step > self.agreed_step]
+        newer = [path for backup_step, path in backups if backup_step > step]
         if newer:
-            logging.warning("Not resuming from %s: another worker's newest complete backup is "
-                            "of update step %d, so every worker resumes there.",
-                            ", ".join(newer), self.agreed_step)
-        return [(step, path) for step, path in backups if step == self.agreed_step]
+            logging.warning("Not resuming from %s: the run resumes from update step %d.",
+                            ", ".join(newer), step)
+        path = dict(backups).get(step)
+        if path is not None:
+            failure = self._try_restore(step, path, checked=self.verified)
+            if failure is not None:
+                raise UnloadableBackupError(
+                    f"The run resumes from update step {step}, but its backup {path} does not "
+                    f"load ({failure}). Put a good copy back (in a multi-worker run, another "
+                    "worker's backup of the same step holds the same state), or move the backup "
+                    "directory away to train anew.", step, path)
+        elif keras_backup_step(self.backup_dir, self.updates_per_epoch) == step:
+            self._restore_keras_backup(step)
+        else:
+            raise BackupError(
+                f"The run resumes from update step {step} (the newest backup every worker "
+                f"holds), but {self.backup_dir} holds no backup of it: copy another worker's "
+                f"{backup_name(step)} there (the same synchronous state), or move every "
+                "worker's backup directory away to train anew.")
 
-    def _restore_keras_backup(self):
-        """Resumes from the files of Keras's `BackupAndRestore`, this project's backup before
-        this module, so a run started before an upgrade continues (its first new backup then
-        replaces them).
+    def _restore_keras_backup(self, step):
+        """Resumes from the files of Keras's `BackupAndRestore` at `step` (`keras_backup_step`),
+        so a run started before this module continues (its first new backup replaces them).
 
         Raises:
-            BackupError: the files exist but do not load, or disagree on the step.
+            BackupError: the files do not load, or disagree on the step.
         """
         state = os.path.join(self.backup_dir, LATEST_LINK)
-        metadata = os.path.join(self.backup_dir, KERAS_METADATA)
-        # A link is this module's own `latest.weights.h5` (local file systems only).
-        if os.path.islink(state) or not (_is_file(state) and _is_file(metadata)):
-            return
         try:
-            with tf.io.gfile.GFile(metadata) as stream:
-                epoch = json.load(stream)["epoch"]
-            self._load(state, epoch * self.updates_per_epoch)
-        except (OSError, tf.errors.OpError, ValueError, KeyError) as error:
+            self._load(state, step)
+        except (OSError, tf.errors.OpError, ValueError) as error:
             raise BackupError(
                 f"The Keras backup in {self.backup_dir} ({LATEST_LINK}, {KERAS_METADATA}) "
                 f"cannot be restored: {error}. Move the directory away to train anew.") from error
-        self.restored_step = epoch * self.updates_per_epoch
-        self.model._initial_epoch = epoch
-        logging.info("Resumed from %s (update step %d).", state, self.restored_step)
+        self._resumed(step, state)
 
-    def _try_restore(self, step, path):
-        """Loads the backup at `path` if it passes its checks.
+    def _resumed(self, step, path):
+        self.restored_step = step
+        self.model._initial_epoch = step // self.updates_per_epoch
+        logging.info("Resumed from %s (update step %d).", path, step)
+
+    def _try_restore(self, step, path, checked=False):
+        """Loads the backup at `path` if it passes its checks (`checked`: they were done).
 
         Returns:
             None once loaded; otherwise why not (also logged as a warning).
         """
         try:
-            check_backup(path, step)
+            if not checked:
+                check_backup(path, step)
             if step % self.updates_per_epoch:
                 raise ValueError(f"step {step} is not a multiple of --checkpoint_every_steps="
                                  f"{self.updates_per_epoch}")
@@ -455,6 +513,8 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
         except (OSError, tf.errors.OpError, ValueError) as error:
             logging.warning("Skipping backup %s: %s.", path, error)
             return str(error)
+        self._kept = path
+        self._resumed(step, path)
         return None
 
     def _load(self, state_path, step):

@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 import time
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -279,15 +280,44 @@ def backup_directory(config, strategy, chief):
     return os.path.join(backup_dir, f"{task_type}_{task_id}")
 
 
-def _resume_step(config, strategy, chief):
-    """The update step the run resumes from: its newest complete backup's, or in a multi-worker
-    run the smallest of the workers' (a worker killed between two backups is one behind)."""
-    newest = backup_lib.newest_complete_step(backup_directory(config, strategy, chief))
+class Resume(NamedTuple):
+    """Where a run resumes (`_resume_step`)."""
+
+    step: int  # the update step, 0 for a new run
+    verified: bool  # this worker's backup of `step` was checked against its manifest just now
+
+
+def _resume_step(config, strategy, chief, below=None, earlier_failures=()):
+    """The update step the run resumes from: its newest complete backup's (older than `below`),
+    or in a multi-worker run the smallest of the workers' (a worker killed between two backups
+    is one behind).
+
+    Returns:
+        The `Resume`.
+
+    Raises:
+        BackupError: this worker's, or another worker's, backups exist but none can be restored.
+    """
+    backup_dir = backup_directory(config, strategy, chief)
+    try:
+        newest = backup_lib.newest_complete_step(backup_dir, below, earlier_failures)
+        if not newest and below is None:
+            newest = backup_lib.keras_backup_step(backup_dir, config.checkpoint_every_steps) or 0
+        failure = None
+    except backup_lib.BackupError as error:
+        newest, failure = -1, error  # told to the other workers first, which would wait
     agreed = strategy_lib.smallest_over_workers(strategy, newest)
+    if failure is not None:
+        raise failure
+    if agreed < 0:
+        raise backup_lib.BackupError(
+            "Another worker's backups exist but none of them can be restored (its log names "
+            "them): put a good copy back there, or move every worker's backup directory away "
+            "to train anew.")
     if agreed != newest:
         logging.warning("This worker's newest backup is of update step %d, another worker's of "
                         "%d: every worker resumes from %d.", newest, agreed, agreed)
-    return agreed
+    return Resume(agreed, agreed == newest)
 
 
 def examples_to_skip(config, strategy, context, per_replica_batch, resume_step):
@@ -299,7 +329,8 @@ def examples_to_skip(config, strategy, context, per_replica_batch, resume_step):
     return resume_step * config.grad_accum_steps * replicas_per_pipeline * per_replica_batch
 
 
-def make_callbacks(config, strategy, chief, eval_data=None, resume_step=None, probe=None):
+def make_callbacks(config, strategy, chief, eval_data=None, resume=Resume(0, False),
+                   probe=None):
     """The callbacks of `fit`; the model directory's shared files are written by the chief only.
 
     Args:
@@ -308,8 +339,8 @@ def make_callbacks(config, strategy, chief, eval_data=None, resume_step=None, pr
         chief: whether this process is the chief (see `strategy.is_chief`).
         eval_data: the distributed eval dataset, for the EMA's evaluation beside the raw
             weights' (--ema_decay); None without --eval_data.
-        resume_step: the step the workers of a multi-worker run agreed to resume from
-            (`_resume_step`); its backup is the one restored. Unused outside multi-worker.
+        resume: `_resume_step`'s: the step the run resumes from (in a multi-worker run, the
+            one the workers agreed on), whose backup is restored; default: a new run.
         probe: the `fewshot_probe` the chief runs every --fewshot_every_steps; None: none.
 
     Returns:
@@ -327,7 +358,7 @@ def make_callbacks(config, strategy, chief, eval_data=None, resume_step=None, pr
         # Keras epoch = --checkpoint_every_steps updates, so a backup per epoch is per chunk.
         backup_lib.AtomicBackupAndRestore(
             backup_dir, config.checkpoint_every_steps,
-            agreed_step=resume_step if strategy_lib.is_multi_worker(strategy) else None),
+            resume_step=resume.step, verified=resume.verified),
         callbacks_lib.QuietEndOfEvaluationData(),
     ]
     if chief:
@@ -492,6 +523,35 @@ def _fit(model, config, datasets, callbacks, verbose):
     return time.perf_counter() - start
 
 
+def _fit_resumed(model, config, strategy, num_classes, normalization, probe, verbose):
+    """`_fit` from the step `_resume_step` chooses, the training data positioned there.
+
+    On one worker, a backup that passes its manifest's checks but does not load is skipped:
+    `fit` starts again from the next older backup, the data positioned at that step (the
+    failed load is overwritten whole). A multi-worker run stops instead, as every worker would
+    have to agree on another step.
+
+    Returns:
+        (datasets, throughput, train_seconds): `make_datasets`'s pair, the `StepAndThroughput`
+        callback, and the seconds of the `fit` that ran to the end.
+    """
+    chief = strategy_lib.is_chief(strategy)
+    below, failures = None, []
+    while True:
+        resume = _resume_step(config, strategy, chief, below, failures)
+        datasets = make_datasets(config, strategy, num_classes, resume.step, normalization)
+        callbacks, throughput = make_callbacks(config, strategy, chief, datasets[1], resume,
+                                               probe)
+        try:
+            return datasets, throughput, _fit(model, config, datasets, callbacks, verbose)
+        except backup_lib.UnloadableBackupError as error:
+            if strategy_lib.is_multi_worker(strategy):
+                raise
+            logging.warning("Resuming from an older backup than %s, which does not load; the "
+                            "training data is positioned at its step.", error.path)
+            below, failures = error.step, failures + [f"{error.path}: does not load"]
+
+
 def _final_evaluation(model, config, eval_data, verbose):
     """The metrics of the trained model on --eval_data ({} without eval data); with
     --ema_decay, those of the EMA weights too, under "<name>_ema"."""
@@ -587,14 +647,10 @@ def train(config):
     keras.utils.set_random_seed(config.seed)
     with _dtype_policy(MIXED_PRECISION[config.mixed_precision] or "float32"):
         model, student = _build_for_strategy(config, strategy, num_classes)
-        resume_step = _resume_step(config, strategy, chief)
-        datasets = make_datasets(config, strategy, num_classes, resume_step,
-                                 input_normalization(student))
         probe = (fewshot_probe(config, student, strategy)
                  if chief and config.fewshot_every_steps else None)
-        callbacks, throughput = make_callbacks(config, strategy, chief, datasets[1],
-                                               resume_step, probe)
-        train_seconds = _fit(model, config, datasets, callbacks, verbose)
+        datasets, throughput, train_seconds = _fit_resumed(
+            model, config, strategy, num_classes, input_normalization(student), probe, verbose)
         evaluation = _final_evaluation(model, config, datasets[1], verbose)
         results = {
             **_evaluation_results(evaluation, config),
