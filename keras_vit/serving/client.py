@@ -5,19 +5,28 @@ Builds (and sends) the two kinds of Predict request TF Serving accepts:
     REST   POST http://HOST:8501/v1/models/NAME[/versions/N]:predict
            {"signature_name": "serving_default", "instances": [{"b64": "<base64 image>"}, ...]}
            {"signature_name": "predict_pixels", "instances": [<H x W x 3 nested lists>, ...]}
+           {"signature_name": "predict_tf_example", "instances": [{"b64": "<base64 Example>"}, ...]}
+           {"signature_name": "predict_image_tensor", "instances": [<h x w x 3 nested ints>, ...]}
     gRPC   tensorflow.serving.PredictionService/Predict on HOST:8500 with a `PredictRequest`
            (model_spec.name / signature_name / version, inputs["image_bytes"] a DT_STRING
-           tensor of shape (batch,), or inputs["images"] DT_FLOAT (batch, H, W, 3))
+           tensor of shape (batch,), inputs["images"] DT_FLOAT (batch, H, W, 3),
+           inputs["tf_examples"] DT_STRING (batch,) or inputs["image_tensor"] DT_UINT8
+           (batch, h, w, 3))
 
 (the `explain` signature takes image_bytes as serving_default does) and reads either answer
-into one `Prediction` per image, with explain's `attention_rollout` map. gRPC needs the optional
-`tensorflow-serving-api` package (`pip install tensorflow-serving-api`).
+into one `Prediction` per image, with explain's `attention_rollout` map. predict_tf_example
+takes encoded images too: each is sent inside a serialized tf.train.Example (`tf_example`).
+predict_image_tensor takes decoded uint8 images; one tensor holds one size, so `predict_rest`
+and `predict_grpc` send one request per distinct size (`size_groups`) and put the answers back
+in input order. gRPC needs the optional `tensorflow-serving-api` package
+(`pip install tensorflow-serving-api`).
 
-`timeout` is one total deadline per request: gRPC's own deadline, and for REST a worker thread
-that the caller stops waiting for (urllib's timeout bounds each socket operation, so a server
-sending one byte a second would never time out). Every failure (deadline, refused or dropped
-connection, an answer that is not JSON or does not hold one prediction per image) is a
-`ServingError` naming the server.
+`timeout` is one total deadline per call, however many requests it sends: gRPC's own deadline
+(what is left of it for each later request), and for REST a worker thread that the caller stops
+waiting for (urllib's timeout bounds each socket operation, so a server sending one byte a
+second would never time out). Every failure (deadline, refused or dropped connection, an answer
+that is not JSON or does not hold one prediction per image) is a `ServingError` naming the
+server.
 """
 
 from __future__ import annotations
@@ -28,24 +37,35 @@ import http.client
 import json
 import math
 import threading
+import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 
 from keras_vit.serving.signatures import (
-    BYTES_INPUT,
     EXPLAIN_SIGNATURE,
-    PIXELS_INPUT,
+    IMAGE_TENSOR_SIGNATURE,
     PIXELS_SIGNATURE,
     SERVING_SIGNATURE,
+    SIGNATURE_INPUTS,
+    TF_EXAMPLE_SIGNATURE,
 )
 from pipelines.errors import MissingExtraError, UserError
 
-# The classifying signatures the client speaks: encoded images or pixels in, top-k out (and
-# explain's rollout map). `features` answers no top-k: any TF Serving client reads it.
-_INPUT_OF_SIGNATURE = {SERVING_SIGNATURE: BYTES_INPUT, PIXELS_SIGNATURE: PIXELS_INPUT,
-                       EXPLAIN_SIGNATURE: BYTES_INPUT}
+# The classifying signatures the client speaks, each with the keyword argument it takes:
+# encoded images or pixels in, top-k out (and explain's rollout map). `features` answers no
+# top-k: any TF Serving client reads it. The server's input names are SIGNATURE_INPUTS'.
+_ARGUMENT_OF_SIGNATURE = {SERVING_SIGNATURE: "image_bytes", PIXELS_SIGNATURE: "images",
+                          TF_EXAMPLE_SIGNATURE: "image_bytes", IMAGE_TENSOR_SIGNATURE: "images",
+                          EXPLAIN_SIGNATURE: "image_bytes"}
+# What each signature's argument holds, for error messages.
+_WHAT_IT_TAKES = {
+    PIXELS_SIGNATURE: "images (float32 pixels)",
+    IMAGE_TENSOR_SIGNATURE: "images (uint8 RGB pixels (batch, height, width, 3))",
+    TF_EXAMPLE_SIGNATURE: "image_bytes (encoded images; the client wraps each in a "
+                          "tf.train.Example)",
+}
 ROLLOUT_OUTPUT = "attention_rollout"  # explain's (batch, gh, gw) map, what the client reads
 
 
@@ -78,25 +98,92 @@ def _require_grpc_api():
 
 
 def _check_inputs(signature_name, image_bytes, images):
-    if signature_name not in _INPUT_OF_SIGNATURE:
+    """What one request carries: a list of bytes (encoded images; serialized Examples for
+    predict_tf_example), float32 (batch, H, W, 3) pixels, or uint8 (batch, h, w, 3) images."""
+    if signature_name not in _ARGUMENT_OF_SIGNATURE:
         raise ValueError(
-            f"signature_name must be one of {sorted(_INPUT_OF_SIGNATURE)}, got {signature_name!r}.")
-    expects_bytes = _INPUT_OF_SIGNATURE[signature_name] == BYTES_INPUT
+            f"signature_name must be one of {sorted(_ARGUMENT_OF_SIGNATURE)}, got "
+            f"{signature_name!r}.")
+    expects_bytes = _ARGUMENT_OF_SIGNATURE[signature_name] == "image_bytes"
     given = image_bytes if expects_bytes else images
     other = images if expects_bytes else image_bytes
     if given is None or other is not None:
-        raise ValueError(
-            f"{signature_name} takes {'image_bytes (encoded images)' if expects_bytes else 'images (float32 pixels)'}"
-            " and nothing else.")
+        takes = _WHAT_IT_TAKES.get(signature_name, "image_bytes (encoded images)")
+        raise ValueError(f"{signature_name} takes {takes} and nothing else.")
     if expects_bytes:
         image_bytes = [bytes(data) for data in image_bytes]
         if not image_bytes:
             raise ValueError("No images to send.")
+        if signature_name == TF_EXAMPLE_SIGNATURE:
+            return [tf_example(data) for data in image_bytes]
         return image_bytes
+    if signature_name == IMAGE_TENSOR_SIGNATURE:
+        return _one_size_uint8(images)
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3 or not len(images):
-        raise ValueError(f"images must be (batch, height, width, 3) pixels, got shape {images.shape}.")
+        raise ValueError(
+            f"images must be (batch, height, width, 3) pixels, got shape {images.shape}.")
     return images
+
+
+def _one_size_uint8(images) -> np.ndarray:
+    """uint8 (batch, h, w, 3) of `images`, or a ValueError saying what is wrong with them."""
+    try:
+        images = np.asarray(images)
+    except ValueError as error:  # NumPy refuses to stack arrays of different shapes
+        raise ValueError(
+            f"{IMAGE_TENSOR_SIGNATURE}: one request holds images of one size; predict_rest and "
+            "predict_grpc send one request per size (size_groups).") from error
+    if images.dtype != np.uint8:
+        raise ValueError(
+            f"{IMAGE_TENSOR_SIGNATURE} takes uint8 RGB pixels (decoded images, not rescaled), "
+            f"got dtype {images.dtype}.")
+    if images.ndim != 4 or images.shape[-1] != 3 or not len(images) or not images[0].size:
+        raise ValueError(
+            f"images must be uint8 (batch, height, width, 3), got shape {images.shape}.")
+    return images
+
+
+def tf_example(image_bytes: bytes) -> bytes:
+    """A serialized tf.train.Example holding `image_bytes` under `image/encoded`, the one key
+    predict_tf_example parses (that of the training records and TF Model Garden's tf_example
+    input); deterministic bytes."""
+    import tensorflow as tf
+
+    from pipelines import records
+
+    feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes]))
+    example = tf.train.Example(
+        features=tf.train.Features(feature={records.IMAGE_ENCODED: feature}))
+    return example.SerializeToString(deterministic=True)
+
+
+def size_groups(images) -> list[tuple[list[int], np.ndarray]]:
+    """Images grouped by size, one group per predict_image_tensor request.
+
+    Args:
+        images: uint8 (height, width, 3) arrays, sizes free; or one (batch, h, w, 3) array.
+
+    Returns:
+        For each distinct (height, width), in order of first appearance: the indices of its
+        images in `images`, and uint8 (n, height, width, 3) of them.
+    """
+    indices_of_size = {}
+    for index, image in enumerate(images):
+        indices_of_size.setdefault(np.shape(image)[:2], []).append(index)
+    return [(indices, _one_size_uint8([images[i] for i in indices]))
+            for indices in indices_of_size.values()]
+
+
+def _request_groups(signature_name, image_bytes=None, images=None):
+    """[(indices into the inputs, one request's keyword arguments)]: one request for all
+    inputs, but one per image size for predict_image_tensor."""
+    if signature_name == IMAGE_TENSOR_SIGNATURE and image_bytes is None and images is not None:
+        if not len(images):
+            raise ValueError("No images to send.")
+        return [(indices, {"images": group}) for indices, group in size_groups(images)]
+    count = len(image_bytes if image_bytes is not None else images if images is not None else [])
+    return [(list(range(count)), {"image_bytes": image_bytes, "images": images})]
 
 
 def rest_url(server: str, model_name: str, version: int | None = None) -> str:
@@ -111,14 +198,16 @@ def rest_request(*, signature_name=SERVING_SIGNATURE, image_bytes=None, images=N
     """The JSON body of a REST Predict request, in TF Serving's row ("instances") format.
 
     Args:
-        signature_name: "serving_default" or "explain" (with image_bytes), or
-            "predict_pixels" (with images).
+        signature_name: "serving_default", "explain" or "predict_tf_example" (with
+            image_bytes), or "predict_pixels" or "predict_image_tensor" (with images).
         image_bytes: list of encoded images (bytes); sent base64 encoded as {"b64": ...}, the
-            REST API's way of carrying binary DT_STRING values.
-        images: float (batch, H, W, 3) pixels in [0, 255]; sent as nested lists.
+            REST API's way of carrying binary DT_STRING values; for predict_tf_example each
+            inside a serialized tf.train.Example (`tf_example`).
+        images: predict_pixels: float (batch, H, W, 3) pixels in [0, 255]; predict_image_tensor:
+            uint8 (batch, h, w, 3), one size (`size_groups`); sent as nested lists.
     """
     inputs = _check_inputs(signature_name, image_bytes, images)
-    if _INPUT_OF_SIGNATURE[signature_name] == BYTES_INPUT:
+    if _ARGUMENT_OF_SIGNATURE[signature_name] == "image_bytes":
         instances = [{"b64": base64.b64encode(data).decode("ascii")} for data in inputs]
     else:
         instances = inputs.tolist()
@@ -127,7 +216,8 @@ def rest_request(*, signature_name=SERVING_SIGNATURE, image_bytes=None, images=N
 
 def grpc_request(model_name: str, *, signature_name=SERVING_SIGNATURE, image_bytes=None,
                  images=None, version: int | None = None):
-    """A `tensorflow.serving.PredictRequest` for the same inputs as `rest_request`."""
+    """A `tensorflow.serving.PredictRequest` for the same inputs as `rest_request`, in the
+    signature's input (SIGNATURE_INPUTS) as DT_STRING, DT_FLOAT or DT_UINT8."""
     import tensorflow as tf
 
     predict_pb2, _ = _require_grpc_api()
@@ -137,11 +227,11 @@ def grpc_request(model_name: str, *, signature_name=SERVING_SIGNATURE, image_byt
     request.model_spec.signature_name = signature_name
     if version:
         request.model_spec.version.value = int(version)
-    if _INPUT_OF_SIGNATURE[signature_name] == BYTES_INPUT:
+    if _ARGUMENT_OF_SIGNATURE[signature_name] == "image_bytes":
         tensor = tf.make_tensor_proto(inputs, dtype=tf.string, shape=[len(inputs)])
     else:
-        tensor = tf.make_tensor_proto(inputs, dtype=tf.float32, shape=inputs.shape)
-    request.inputs[_INPUT_OF_SIGNATURE[signature_name]].CopyFrom(tensor)
+        tensor = tf.make_tensor_proto(inputs, dtype=tf.as_dtype(inputs.dtype), shape=inputs.shape)
+    request.inputs[SIGNATURE_INPUTS[signature_name]].CopyFrom(tensor)
     return request
 
 
@@ -200,10 +290,6 @@ def parse_grpc_response(response) -> list[Prediction]:
             + (f", {ROLLOUT_OUTPUT} {len(rollouts)}." if ROLLOUT_OUTPUT in response.outputs
                else "."))
     return [_prediction(*row) for row in zip(labels, scores, classes, rollouts)]
-
-
-def _num_images(image_bytes=None, images=None, **_):
-    return len(image_bytes if image_bytes is not None else images)
 
 
 def _deadline_message(where, timeout):
@@ -292,28 +378,57 @@ def _post(request, timeout, abandoned):
             f"{text[:120]!r}") from error
 
 
-def predict_rest(server, model_name, *, version=None, timeout=30.0, **inputs) -> list[Prediction]:
-    """Sends `rest_request(**inputs)` to `server` (host:port, default REST port 8501).
+def _rest_predictions(answer, num_sent, url) -> list[Prediction]:
+    if not isinstance(answer, dict):
+        raise ServingError(
+            f"TF Serving at {url} answered {type(answer).__name__} JSON, expected "
+            "an object {\"predictions\": [...]}.")
+    return _check_count(parse_rest_response(answer), num_sent, url)
+
+
+def _in_input_order(groups, answers) -> list[Prediction]:
+    """Each request's predictions put back at its images' indices (`_request_groups`)."""
+    at_index = {}
+    for (indices, _), predictions in zip(groups, answers, strict=True):
+        at_index.update(zip(indices, predictions, strict=True))
+    return [at_index[index] for index in range(len(at_index))]
+
+
+def predict_rest(server, model_name, *, version=None, timeout=30.0,
+                 signature_name=SERVING_SIGNATURE, **inputs) -> list[Prediction]:
+    """Sends `rest_request(signature_name=..., **inputs)` to `server` (host:port, default
+    REST port 8501): one request, or for predict_image_tensor one per image size
+    (`size_groups`, `images` then any uint8 (h, w, 3) arrays), sent one after another.
 
     Args:
-        timeout: seconds for the whole request, from connecting to the last byte.
+        timeout: seconds for the whole call, all its requests, from connecting to the last byte.
+
+    Returns:
+        One prediction per image, in input order.
 
     Raises:
         ServingError: the deadline passed, the server could not be reached, dropped the
-            connection or answered an error, or the answer does not hold one prediction per
+            connection or answered an error, or an answer does not hold one prediction per
             image; the message names the URL.
     """
-    body = rest_request(**inputs)
-    request = urllib.request.Request(
-        rest_url(server, model_name, version), data=json.dumps(body).encode("utf-8"),
-        method="POST", headers={"Content-Type": "application/json"})
-    answer = _within_deadline(lambda abandoned: _post(request, timeout, abandoned), timeout,
-                              request.full_url)
-    if not isinstance(answer, dict):
-        raise ServingError(
-            f"TF Serving at {request.full_url} answered {type(answer).__name__} JSON, expected "
-            "an object {\"predictions\": [...]}.")
-    return _check_count(parse_rest_response(answer), len(body["instances"]), request.full_url)
+    url = rest_url(server, model_name, version)
+    groups = _request_groups(signature_name, **inputs)
+    bodies = [rest_request(signature_name=signature_name, **group) for _, group in groups]
+    requests = [urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), method="POST",
+                                       headers={"Content-Type": "application/json"})
+                for body in bodies]
+
+    def send_all(abandoned):
+        answers = []
+        for request in requests:
+            if abandoned.is_set():  # the caller has stopped waiting: send no more
+                break
+            answers.append(_post(request, timeout, abandoned))
+        return answers
+
+    answers = _within_deadline(send_all, timeout, url)
+    return _in_input_order(groups, [_rest_predictions(answer, len(body["instances"]), url)
+                                    for answer, body in zip(answers, bodies, strict=True)])
 
 
 def _grpc_error_message(server, error, timeout):
@@ -328,11 +443,14 @@ def _grpc_error_message(server, error, timeout):
     return f"TF Serving at {server} (gRPC) answered {name}: {details}"
 
 
-def predict_grpc(server, model_name, *, version=None, timeout=30.0, **inputs) -> list[Prediction]:
-    """Sends `grpc_request(...)` to `server` (host:port, default gRPC port 8500).
+def predict_grpc(server, model_name, *, version=None, timeout=30.0,
+                 signature_name=SERVING_SIGNATURE, **inputs) -> list[Prediction]:
+    """Sends `grpc_request(...)` to `server` (host:port, default gRPC port 8500), one request
+    or one per image size, as `predict_rest`.
 
     Args:
-        timeout: seconds for the whole call (gRPC's deadline).
+        timeout: seconds for the whole call: gRPC's deadline for the first request, what is
+            left of it for each later one.
 
     Raises:
         ServingError: as `predict_rest`, naming the server.
@@ -340,11 +458,20 @@ def predict_grpc(server, model_name, *, version=None, timeout=30.0, **inputs) ->
     import grpc
 
     _, prediction_service_pb2_grpc = _require_grpc_api()
-    request = grpc_request(model_name, version=version, **inputs)
+    where = f"{server} (gRPC)"
+    groups = _request_groups(signature_name, **inputs)
+    requests = [grpc_request(model_name, signature_name=signature_name, version=version, **group)
+                for _, group in groups]
+    deadline, answers = time.monotonic() + timeout, []
     with grpc.insecure_channel(server) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        try:
-            response = stub.Predict(request, timeout=timeout)
-        except grpc.RpcError as error:
-            raise ServingError(_grpc_error_message(server, error, timeout)) from error
-    return _check_count(parse_grpc_response(response), _num_images(**inputs), f"{server} (gRPC)")
+        for (indices, _), request in zip(groups, requests, strict=True):
+            left = deadline - time.monotonic() if answers else timeout
+            if left <= 0:
+                raise ServingError(_deadline_message(where, timeout))
+            try:
+                response = stub.Predict(request, timeout=left)
+            except grpc.RpcError as error:
+                raise ServingError(_grpc_error_message(server, error, timeout)) from error
+            answers.append(_check_count(parse_grpc_response(response), len(indices), where))
+    return _in_input_order(groups, answers)
