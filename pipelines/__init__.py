@@ -14,6 +14,7 @@ _EXPORTS = {
     "CROP_SAMPLERS": "pipelines.augment",
     "BadRecordCounter": "pipelines.dataset",
     "CorruptShardError": "pipelines.dataset",
+    "DroppedPositions": "pipelines.positions",
     "build_dataset": "pipelines.dataset",
     "shard_files": "pipelines.dataset",
     "MissingFileError": "pipelines.errors",

@@ -1,7 +1,8 @@
 """Training augmentation: Inception-style random-resized crop, flip, RandAugment.
 
 Randomness comes from stateless ops fed with per-example seeds, so a dataset built with a
-fixed seed gives the same crops and flips on every run, whatever the parallelism. Batch mixing
+fixed seed gives the same crops, flips and RandAugment draws on every run, whatever the
+parallelism. Batch mixing
 (mixup, CutMix) lives in `pipelines.mixing`, random erasing in `pipelines.erasing`.
 
 Two rules sample the crop window (`CROP_SAMPLERS`):
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import keras
 import tensorflow as tf
@@ -212,15 +214,62 @@ def parse_randaugment(spec: str | tuple | None) -> tuple[int, float] | None:
     return int(parts[0]), float(parts[1])
 
 
-def make_randaugment(spec: str | tuple | None, seed: int | None = None):
-    """`keras.layers.RandAugment` for images in [0, 255], or None.
+class _RecordSeeds(keras.random.SeedGenerator):
+    """Keras's seed-generator interface over one record's seed.
+
+    Keras's random ops take an int or a `SeedGenerator` and call its `next()` once per draw. A
+    real generator is a variable that parallel map calls advance in whatever order they run, so
+    a record's draws depend on the records before it; here the n-th draw of the traced
+    augmentation is `stateless_fold_in(seed, n)`, a function of the record's seed alone.
+    `SeedGenerator.__init__` is not called: it would create that variable.
+    """
+
+    def __init__(self, seed: tf.Tensor):
+        self._record_seed = seed
+        self._draws = 0  # counted while the map function is traced: one number per call site
+
+    def next(self, ordered=True):
+        del ordered
+        self._draws += 1
+        return tf.random.experimental.stateless_fold_in(self._record_seed, self._draws)
+
+
+class RecordSeededRandAugment(keras.layers.RandAugment):
+    """`keras.layers.RandAugment` (its ops, magnitudes and choice of ops) drawing from a seed
+    per record (`augment`), so that a seeded pipeline augments each record the same way on
+    every run, whatever the parallelism, and a resumed run (`skip_examples`) goes on with the
+    draws an uninterrupted one would make. Called as a layer, it is Keras's own."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # The record's seeds while `augment` traces. Not a layer attribute of its own: Keras
+        # tracks a SeedGenerator set on a layer, and refuses one once the layer is built.
+        self._tracing = threading.local()
+
+    def _get_seed_generator(self, backend=None):
+        # Keras's RandAugment draws from this for its op choice and hands it to every op.
+        record_seeds = getattr(self._tracing, "record_seeds", None)
+        if record_seeds is not None:
+            return record_seeds
+        return super()._get_seed_generator(backend)
+
+    def augment(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """`image` (h, w, 3) in [0, 255], RandAugment-ed with draws from `seed` (int64 (2,))."""
+        self._tracing.record_seeds = _RecordSeeds(seed)
+        try:
+            return self(image, training=True)
+        finally:
+            self._tracing.record_seeds = None
+
+
+def make_randaugment(spec: str | tuple | None) -> RecordSeededRandAugment | None:
+    """RandAugment for images in [0, 255] (`RecordSeededRandAugment`), or None.
 
     The magnitude uses the 0..30 scale of the AugReg paper / big_vision configs
     (`randaug(2, 15)`); Keras' `factor` is `magnitude / 30` (so 15 -> Keras' default 0.5).
 
     Args:
         spec: `"num_layers,magnitude"` such as `"2,15"`, a pair, or None / `""` / `"none"`.
-        seed: Keras' seed of the layer.
 
     Returns:
         The layer, or None when `spec` asks for none.
@@ -232,6 +281,6 @@ def make_randaugment(spec: str | tuple | None, seed: int | None = None):
     if parsed is None:
         return None
     num_layers, magnitude = parsed
-    return keras.layers.RandAugment(
-        value_range=(0, 255), num_ops=num_layers, factor=min(magnitude / 30.0, 1.0), seed=seed
+    return RecordSeededRandAugment(
+        value_range=(0, 255), num_ops=num_layers, factor=min(magnitude / 30.0, 1.0)
     )

@@ -35,6 +35,7 @@ from pipelines import augment as augment_lib, compiled_ops, erasing, info as inf
 from pipelines import preprocess, records
 from pipelines.errors import UserError
 from pipelines.info import EmptyShardError
+from pipelines.positions import DroppedPositions
 
 AUTOTUNE = tf.data.AUTOTUNE
 _BAD_RECORD_MODES = ("skip", "fail")
@@ -179,6 +180,7 @@ class _BadRecordPolicy:
     mode: str  # "skip": log, count in `counter` and go on; "fail": raise naming the shard
     counter: BadRecordCounter
     check_shards: bool  # walk each shard's record framing when the pipeline is built
+    dropped: DroppedPositions | None = None  # skip mode, fixed order: where records were dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -565,7 +567,8 @@ def _decode_for_eval(*element, parse, counter, central_crop_fraction):
 
 
 def _decode_for_eval_seeded(element, seed, **kwargs):
-    """Training with `augment="none"`: the eval decode, with the record's erase seed."""
+    """Training with `augment="none"`: the eval decode, with the record's erase seed (which
+    seeds random erasing and RandAugment)."""
     image, flip, _, label, context = _decode_for_eval(*element, **kwargs)
     return image, flip, _record_seeds(seed)[2], label, context
 
@@ -586,12 +589,13 @@ def _decoder(augmentation: _Augmentation, parse, counter):
             crop_sampler=augmentation.crop_sampler, area_range=augmentation.crop_area_range), True
     kwargs = dict(parse=parse, counter=counter,
                   central_crop_fraction=augmentation.central_crop_fraction)
-    if augmentation.erase.enabled:
+    if augmentation.erase.enabled or augmentation.randaugment:
         return functools.partial(_decode_for_eval_seeded, **kwargs), True
     return functools.partial(_decode_for_eval, **kwargs), False
 
 
-def _decode_records(ds, augmentation: _Augmentation, policy, order, records_are_examples):
+def _decode_records(ds, augmentation: _Augmentation, policy, order, records_are_examples,
+                    dropped=None, skip=0):
     """Per record: repeat it, count it as seen, parse, decode (and draw the flip), apply the
     bad-record policy.
 
@@ -602,33 +606,79 @@ def _decode_records(ds, augmentation: _Augmentation, policy, order, records_are_
         policy: skip or fail on records whose Example does not parse or image does not decode.
         order: the per-record seeds, `aug_repeats`, and whether parallel decoding keeps the order.
         records_are_examples: `ds` holds serialized Examples (TFRecord shards), not TFDS elements.
+        dropped: skip mode, fixed order: `_tracked_drops`; each element then starts with its
+            int64 stream position.
+        skip: records of the stream to skip (`_stream_skip`).
 
     Returns:
         A dataset of `(image uint8 (h, w, 3), flip bool, erase seed int64 (2,), label int64,
         context string)`, in fail mode followed by an int32 record status (see
-        `_fail_on_bad_records`).
+        `_fail_on_bad_records`), with `dropped` preceded by the stream position.
     """
     parse = _parse_tfrecord if records_are_examples else _already_parsed
     decode, seeded = _decoder(augmentation, parse, policy.counter)
     ds = _repeat_each_record(ds, order.aug_repeats)
     if seeded:  # one seed per delivered copy: the K copies of a record are augmented apart
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=order.seed)))
-    if order.skip_examples:
+    if dropped is not None:
+        ds = ds.enumerate()  # stream positions, counted before the skip
+    if skip:
         # After the zip, so each record keeps the augmentation seed it had in the first run.
-        ds = ds.skip(order.skip_examples)
+        ds = ds.skip(skip)
     if policy.mode == "skip":
-        return _skip_bad_records(ds, decode, order)
+        return _skip_bad_records(ds, decode, order, positioned=dropped is not None)
     return _fail_on_bad_records(ds, decode, order, records_are_examples)
 
 
-def _skip_bad_records(ds, decode, order):
+def _tracked_drops(policy, order) -> DroppedPositions | None:
+    """Where this pipeline notes the records it drops: skip mode, in a fixed order (which the
+    noting needs, and without which no run can resume exactly anyway); else None."""
+    if policy.mode == "skip" and order.training and order.deterministic:
+        return policy.dropped
+    return None
+
+
+def _stream_skip(order, dropped) -> int:
+    """Records of the stream a resumed pipeline skips: the examples it delivered before, and
+    the records it dropped among them."""
+    return dropped.resume_position(order.skip_examples) if dropped else order.skip_examples
+
+
+def _skip_bad_records(ds, decode, order, positioned=False):
     """Skip mode: records whose decode fails are dropped, logged with TF's error and counted.
 
-    They count as `seen - delivered` in the `BadRecordCounter`. `ignore_errors` sits between the
-    decode and the resize so that the resize map stays fused with `batch`.
+    They count as `seen - delivered` in the `BadRecordCounter`. `positioned`: `ds` holds
+    `(stream position, element)`, and the position stays in front of the decoded record (for
+    `_note_dropped_positions`). `ignore_errors` sits between the decode and the resize so that
+    the resize map stays fused with `batch`.
     """
+    if positioned:
+        decode = functools.partial(_decode_positioned, decode)
     ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=order.is_fixed)
     return ds.ignore_errors(log_warning=True)
+
+
+def _decode_positioned(decode, position, element):
+    return (position,) + decode(*element)
+
+
+def _note_dropped_positions(ds, dropped, first_position):
+    """Batches `(positions, *batch)` -> `batch`, noting in `dropped` the positions missing
+    from the run of consecutive positions that starts at `first_position` (the records
+    `ignore_errors` dropped). A sequential scan over batches, so the order must be fixed;
+    Python runs only for a batch with a gap (a scan per record would cost ~40 us each)."""
+
+    def gap(expected, batch):
+        positions = batch[0]
+        consecutive = expected + tf.range(tf.size(positions, out_type=tf.int64))
+        noted = tf.cond(tf.reduce_all(positions == consecutive),
+                        lambda: tf.constant(0, tf.int64),
+                        lambda: tf.py_function(dropped.note_missing, [expected, positions],
+                                               tf.int64))
+        with tf.control_dependencies([noted]):
+            return positions[-1] + 1, tuple(tf.identity(t) for t in batch[1:])
+
+    return ds.scan(tf.constant(first_position, tf.int64), gap)
 
 
 # Fail mode decodes each record in a one-element dataset (see `_decode_or_report`); this many
@@ -737,13 +787,16 @@ def _finish_record(image, flip, erase_seed, label, context, status=None, *, resi
     with tf.control_dependencies(checks):
         image = resize(image, flip)
     if randaug is not None:
-        image = tf.cast(randaug(image, training=True), tf.float32)
+        # A stream of its own, derived from the record's seed like the erasing's.
+        randaug_seed = tf.random.experimental.stateless_fold_in(erase_seed, 1)
+        image = tf.cast(randaug.augment(image, randaug_seed), tf.float32)
     if erase is not None:
         image = erasing.random_erase(image, erase_seed, erase)
     return image, label, context
 
 
-def _resize_and_batch(ds, augmentation: _Augmentation, randaug, batch_size, order):
+def _resize_and_batch(ds, augmentation: _Augmentation, randaug, batch_size, order,
+                      positioned=False):
     """Resize (and flip) each decoded record to float32, augment it, then batch.
 
     The map is directly followed by `batch`, which tf.data fuses with it (map_and_batch_fusion),
@@ -751,13 +804,20 @@ def _resize_and_batch(ds, augmentation: _Augmentation, randaug, batch_size, orde
 
     Returns:
         A dataset of `(images float32 (batch, image_size, image_size, 3), labels int64 (batch,),
-        contexts string (batch,))`; the last batch may be partial.
+        contexts string (batch,))`, with `positioned` preceded by the int64 stream positions
+        `(batch,)`; the last batch may be partial.
     """
     erase = augmentation.erase if augmentation.erase.enabled else None
     finish = functools.partial(_finish_record, resize=_resizer(augmentation), randaug=randaug,
                                erase=erase)
+    if positioned:  # the stream position rides along, in front (`_note_dropped_positions`)
+        finish = functools.partial(_finish_positioned, finish)
     ds = ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=order.is_fixed)
     return ds.batch(batch_size)
+
+
+def _finish_positioned(finish, position, *element):
+    return (position,) + finish(*element)
 
 
 # ----------------------------------------------------------------------------- 4. batch checks
@@ -946,6 +1006,7 @@ def build_dataset(
     check_shards: bool = True,
     resize_kernel: str = "auto",
     skip_examples: int = 0,
+    dropped_positions: DroppedPositions | None = None,
 ) -> tf.data.Dataset:
     """Builds the input pipeline of one split.
 
@@ -964,7 +1025,7 @@ def build_dataset(
             shards); default from dataset_info.json, else 0.
         shuffle_buffer: records in the shuffle buffer (training).
         deterministic: the same batches on every run: seeded shuffles/augmentation (`seed` or 0)
-            and deterministic parallel ops. RandAugment uses Keras seeds and is not covered.
+            and deterministic parallel ops.
         cache: cache the serialized records in memory (small datasets); augmentation stays random.
         repeat: True/False or a count; default: forever when training, once otherwise.
         augment: training preprocessing: `"inception_crop"` (random-resized crop, flip, resize)
@@ -1015,11 +1076,17 @@ def build_dataset(
             pixels agree to ~3e-5. Evaluation and `augment="none"` always use TensorFlow's ops.
         skip_examples: training only: examples of the shuffled record stream to skip before
             any is decoded, so that a resumed run goes on where the last one stopped (with
-            `aug_repeats`, copies count as examples). With `deterministic` (and no bad records)
-            the stream then continues with exactly the examples an uninterrupted run would have
-            seen next, crops, erasing and mixing included (the mixing draws of batch i come from
-            `(seed, skip_examples // batch_size + i)`); RandAugment, which uses Keras seeds, is
-            not covered. The skipped records are read, not decoded.
+            `aug_repeats`, copies count as examples). With `deterministic` the stream then
+            continues with exactly the examples an uninterrupted run would have seen next,
+            crops, RandAugment, erasing and mixing included (the mixing draws of batch i come
+            from `(seed, skip_examples // batch_size + i)`), as long as the records that earlier
+            runs dropped as undecodable are in `dropped_positions`. The skipped records are
+            read, not decoded.
+        dropped_positions: training, `on_bad_record="skip"`, `deterministic` only: a
+            `DroppedPositions` holding where earlier runs dropped undecodable records (what
+            `skip_examples` skips past) and noting where this pipeline drops them; save its
+            `positions` with each backup (the training engine does). None: the skip counts
+            records as if none was dropped.
 
     Returns:
         A dataset of `(images float32 (batch, image_size, image_size, 3) in [0, 255],
@@ -1052,7 +1119,7 @@ def build_dataset(
                           skip_examples, _check_aug_repeats(aug_repeats, batch_size, training))
     policy = _BadRecordPolicy(
         on_bad_record, BadRecordCounter() if bad_record_counter is None else bad_record_counter,
-        check_shards)
+        check_shards, dropped_positions if training else None)
     from_tfds = source.startswith(info_lib.TFDS_PREFIX)
     # A cache holds one pass of records, so cached records are repeated after it, not the files.
     repeat_files = not (from_tfds or cache)
@@ -1073,15 +1140,19 @@ def build_dataset(
         crop_area_range=crop_area_range,
         erase=erase if training else erasing.ErasingSettings(),
     )
-    randaug = augment_lib.make_randaugment(augmentation.randaugment, order.seed)
+    randaug = augment_lib.make_randaugment(augmentation.randaugment)
 
+    dropped = _tracked_drops(policy, order)
+    skip = _stream_skip(order, dropped)
     ds = _shuffle_and_repeat(elements, order, None if repeat_files else order.repeat_count)
-    ds = _decode_records(ds, augmentation, policy, order, records_are_examples=not from_tfds)
+    ds = _decode_records(ds, augmentation, policy, order, not from_tfds, dropped, skip)
     if tally is not None and policy.mode == "skip" and order.training:
         # Training repeats its files and would cycle over them forever; evaluation reads them
         # once and counts what it skipped, as skip mode promises.
         ds = _then_refuse_if_nothing_was_read(ds, tally)
-    ds = _resize_and_batch(ds, augmentation, randaug, batch_size, order)
+    ds = _resize_and_batch(ds, augmentation, randaug, batch_size, order, dropped is not None)
+    if dropped is not None:
+        ds = _note_dropped_positions(ds, dropped, skip)
     ds = _check_labels(ds, batching, policy.counter, order)
     if batching.fixed_shape:
         ds = _fixed_batch_shape(ds, batch_size, image_size)

@@ -186,6 +186,48 @@ def test_pipeline_cutmix_is_deterministic_and_resumes_the_same_draws(digits_dir)
         np.testing.assert_array_equal(x1, x2)
 
 
+# ----------------------------------------------------------------------------- RandAugment
+
+
+def test_pipeline_randaugment_is_deterministic_and_resumes_the_same_draws(digits_dir):
+    # Truth: the same seeded pipeline without a skip. Keras's own RandAugment draws from a
+    # generator variable that parallel map calls advance in any order, so neither holds for it.
+    kwargs = dict(randaugment="2,15", shuffle_buffer=1)
+    whole = train_batches(digits_dir, 6, **kwargs)
+    for (x1, _), (x2, _) in zip(whole, train_batches(digits_dir, 6, **kwargs)):
+        np.testing.assert_array_equal(x1, x2)
+    plain = train_batches(digits_dir, 6, shuffle_buffer=1)
+    assert not any(np.array_equal(a[0], b[0]) for a, b in zip(whole, plain))
+    other = train_batches(digits_dir, 6, seed=4, **kwargs)
+    assert not any(np.array_equal(a[0], b[0]) for a, b in zip(whole, other))
+    for (x1, y1), (x2, y2) in zip(whole[2:], train_batches(digits_dir, 4, skip_examples=32,
+                                                            **kwargs)):
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_array_equal(x1, x2)
+
+
+def test_record_seeded_randaugment_draws_as_keras_randaugment_does():
+    # Truth: Keras's RandAugment on the same image, compared in distribution (mean absolute
+    # change per image, and its quartiles); and a record's result is a function of its seed.
+    image = np.random.default_rng(0).uniform(0, 255, (16, 16, 3)).astype(np.float32)
+    seeded = augment.make_randaugment("2,15")
+    keras_layer = tf.keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=1)
+    count = 2000
+    indices = tf.data.Dataset.range(count)
+    ours = indices.map(lambda i: seeded.augment(image, tf.stack([i, tf.constant(7, tf.int64)])),
+                       num_parallel_calls=4)
+    theirs = indices.map(lambda i: keras_layer(image, training=True), num_parallel_calls=4)
+    change = {name: np.array([np.abs(x - image).mean() for x in ds.as_numpy_iterator()])
+              for name, ds in (("ours", ours), ("keras", theirs))}
+    error = math.hypot(*(c.std() / math.sqrt(count) for c in change.values()))
+    assert abs(change["ours"].mean() - change["keras"].mean()) < 4 * error, change
+    np.testing.assert_allclose(np.quantile(change["ours"], [0.25, 0.5, 0.75]),
+                               np.quantile(change["keras"], [0.25, 0.5, 0.75]), atol=6.0)
+    again = seeded.augment(image, tf.constant([5, 7], tf.int64)).numpy()
+    np.testing.assert_array_equal(again, seeded.augment(image, tf.constant([5, 7], tf.int64)))
+    assert not np.array_equal(again, seeded.augment(image, tf.constant([6, 7], tf.int64)))
+
+
 # ----------------------------------------------------------------------------- random erasing
 
 

@@ -28,6 +28,7 @@ RECIPE_FLAGS = dict(
     augment="crop_flip",
     crop_sampler="torchvision",
     crop_min_area=0.5,
+    randaugment="2,10",
     mixup_alpha=0.8,
     cutmix_alpha=1.0,
     random_erase=0.25,
@@ -97,8 +98,8 @@ def test_ema_run_reports_both_models_and_exports_the_chosen_one(digits, tmp_path
 
 @pytest.mark.slow
 def test_a_killed_recipe_run_resumes_to_the_uninterrupted_weights_and_ema(digits, tmp_path):
-    # Truth: an uninterrupted run. --deterministic with stateless crops, erasing, mixing and
-    # repeats: a resumed run that continues the data, the augmentation draws and the EMA where
+    # Truth: an uninterrupted run. --deterministic with stateless crops, RandAugment, erasing,
+    # mixing and repeats: a resumed run that continues the data, the augmentation draws and the EMA where
     # the backup left them ends at the same EMA weights (exported), to float rounding.
     flags = TINY_FLAGS | RECIPE_FLAGS | dict(train_data=digits, eval_data=digits,
                                              total_steps=40, eval_every_steps=40,

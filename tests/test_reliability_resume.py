@@ -5,6 +5,7 @@ damaged backups; a full disk. The truth: a run restarted with the same flags end
 import errno
 import json
 import os
+import pathlib
 import random
 import re
 import resource
@@ -426,6 +427,53 @@ def test_a_resumed_run_trains_on_the_examples_an_uninterrupted_run_sees(digits, 
         same = all(np.allclose(a, b, rtol=0, atol=1e-6)
                    for a, b in zip(expected, _final_weights(model_dir)))
         assert same == resume_data_position
+
+
+def _with_undecodable_images(source, destination, every=40):
+    """A copy of the digits records in `source` whose every `every`-th training record holds
+    bytes that are no image (a valid Example: it parses, then fails to decode)."""
+    import tensorflow as tf
+
+    from pipelines import records
+
+    shutil.copytree(source, destination)
+    for shard in sorted(destination.glob("train-*")):
+        examples = [tf.train.Example.FromString(record.numpy())
+                    for record in tf.data.TFRecordDataset(str(shard))]
+        for example in examples[::every]:
+            example.features.feature[records.IMAGE_ENCODED].bytes_list.value[0] = b"no image"
+        with tf.io.TFRecordWriter(str(shard)) as writer:
+            for example in examples:
+                writer.write(example.SerializeToString())
+    return str(destination)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_skips_past_the_records_it_dropped(digits, tmp_path):
+    # Truth: an uninterrupted run on the same data, with undecodable records that the training
+    # pipeline drops (skip mode, counted and logged); the backup records where, so the resumed
+    # run's data goes on where the killed one's stopped and the final weights agree.
+    data = _with_undecodable_images(pathlib.Path(digits), tmp_path / "data")
+    flags = TINY_FLAGS | dict(train_data=data, eval_data=data, total_steps=40,
+                              eval_every_steps=40)
+    result = run_train(**flags, model_dir=tmp_path / "whole")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model_dir = tmp_path / "resumed"
+    killed = run_train(env=subprocess_env(**{backup.FAULT_ENV: "renamed:kill:20"}), **flags,
+                       model_dir=model_dir)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    manifest = json.loads((model_dir / "backup" / "step-0000020" / backup.MANIFEST_FILENAME)
+                          .read_text())
+    dropped = manifest["data"]["dropped_positions"]["0"]
+    assert dropped == sorted(dropped) and dropped[0] < 320, dropped  # some among the first 320
+    result = run_train(**flags, model_dir=model_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    among = sum(position < 320 + len(dropped) for position in dropped)  # an upper bound
+    found = re.search(r"skips the 320 examples it delivered before and the (\d+) undecodable "
+                      r"records it dropped among them", result.stderr)
+    assert found and 0 < int(found.group(1)) <= among, result.stderr[-3000:]
+    for a, b in zip(_final_weights(tmp_path / "whole"), _final_weights(model_dir)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def _fit_agreeing(backup_dir, epochs, resume_step=None):

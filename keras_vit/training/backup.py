@@ -8,7 +8,7 @@ once complete:
 
     BACKUP_DIR/step-0000020/state.weights.h5   weights + optimizer state (`model.save_weights`)
     BACKUP_DIR/step-0000020/manifest.json      step, epoch, size and sha256 of the weights file,
-                                               written last
+                                               the input pipelines' state; written last
     BACKUP_DIR/step-0000010/                   the previous complete backup, kept as a fallback
     BACKUP_DIR/latest.weights.h5               a symbolic link to the newest state file
 
@@ -330,6 +330,20 @@ def newest_complete_step(backup_dir, below=None, earlier_failures=()):
     return 0
 
 
+def data_state(backup_dir, step):
+    """The input pipelines' state saved with the backup of `step` in `backup_dir`
+    (`AtomicBackupAndRestore(data_state=)`); {} when it has none or cannot be read (its
+    restore then names what is wrong)."""
+    path = os.path.join(backup_dir, backup_name(step), MANIFEST_FILENAME)
+    try:
+        with tf.io.gfile.GFile(path) as stream:
+            manifest = json.load(stream)
+    except (OSError, tf.errors.OpError, ValueError):
+        return {}
+    data = manifest.get("data") if isinstance(manifest, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
 def keras_backup_step(backup_dir, updates_per_epoch):
     """The update step of the files Keras's `BackupAndRestore` left in `backup_dir` (this
     project's backup before this module), None when there are none.
@@ -412,17 +426,21 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
             worker's newer ones are ignored. None: the newest backup that loads.
         verified: the backup of `resume_step` was checked against its manifest already
             (`newest_complete_step`), so it is not hashed again.
+        data_state: a callable returning a JSON-able dict of the input pipelines' state, saved
+            in each manifest under "data" (`data_state` reads it back); None: nothing.
 
     Attributes:
         restored_step: the update step restored at the start of `fit` (None: started anew).
     """
 
-    def __init__(self, backup_dir, updates_per_epoch, resume_step=None, verified=False):
+    def __init__(self, backup_dir, updates_per_epoch, resume_step=None, verified=False,
+                 data_state=None):
         super().__init__()
         self.backup_dir = backup_dir
         self.updates_per_epoch = int(updates_per_epoch)
         self.resume_step = resume_step
         self.verified = verified
+        self.data_state = data_state
         self.restored_step = None
         self._kept = None  # the newest complete backup, kept until the next one is complete
 
@@ -574,6 +592,9 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
             "epoch": epoch,
             "files": {STATE_FILENAME: {"size": size, "sha256": _sha256(state)}},
         }
+        data = self.data_state() if self.data_state else {}
+        if data:
+            manifest["data"] = data
         _write_file(os.path.join(directory, MANIFEST_FILENAME),
                     json.dumps(manifest, indent=1).encode())
         _fsync_directory(directory)

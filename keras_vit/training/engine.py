@@ -158,7 +158,8 @@ def _augmentation_arguments(config, normalization):
     )
 
 
-def make_datasets(config, strategy, num_classes, resume_step=0, normalization=None):
+def make_datasets(config, strategy, num_classes, resume_step=0, normalization=None,
+                  dropped=None):
     """The training and evaluation data, distributed over `strategy`'s replicas.
 
     Args:
@@ -169,6 +170,10 @@ def make_datasets(config, strategy, num_classes, resume_step=0, normalization=No
             then skips what those steps consumed (`examples_to_skip`).
         normalization: (mean, std) of the model's input normalisation in [0, 255] pixels
             (`input_normalization`), for random erasing; None: Google's (127.5, 127.5).
+        dropped: with --deterministic, {input pipeline id: `pipelines.DroppedPositions`}: where
+            earlier runs dropped undecodable training records (the skip goes past them), and
+            where each pipeline drops them (a new entry for a pipeline without one); saved in
+            each backup (`make_callbacks`). None: not tracked.
 
     Returns:
         (train, eval): distributed datasets of `(images, labels)` batches, per replica
@@ -181,9 +186,15 @@ def make_datasets(config, strategy, num_classes, resume_step=0, normalization=No
     def train_fn(context):
         batch_size = context.get_per_replica_batch_size(config.micro_batch_size)
         skip = examples_to_skip(config, strategy, context, batch_size, resume_step)
+        positions = None
+        if dropped is not None and config.deterministic:
+            positions = dropped.setdefault(context.input_pipeline_id, pipelines.DroppedPositions())
         if skip:
+            among = (positions.resume_position(skip) - skip) if positions else 0
             logging.info("Resuming at step %d: the training data skips the %d examples it "
-                         "delivered before.", resume_step, skip)
+                         "delivered before%s.", resume_step, skip,
+                         f" and the {among} undecodable records it dropped among them"
+                         if among else "")
         return pipelines.build_dataset(
             config.train_data,
             split=config.train_split,
@@ -201,6 +212,7 @@ def make_datasets(config, strategy, num_classes, resume_step=0, normalization=No
             seed=config.seed,
             deterministic=config.deterministic,
             skip_examples=skip,
+            dropped_positions=positions,
         )
 
     def eval_fn(context):
@@ -320,6 +332,24 @@ def _resume_step(config, strategy, chief, below=None, earlier_failures=()):
     return Resume(agreed, agreed == newest)
 
 
+_DROPPED_KEY = "dropped_positions"  # in a backup's data state: {pipeline id: [positions]}
+
+
+def _dropped_state(dropped):
+    """A backup's data state of `make_datasets`'s `dropped` ({} when none were dropped)."""
+    found = {str(pipeline): positions.positions for pipeline, positions in (dropped or {}).items()
+             if positions.positions}
+    return {_DROPPED_KEY: found} if found else {}
+
+
+def _dropped_at(config, strategy, chief, step):
+    """`make_datasets`'s `dropped` for a run resuming at `step`, from that backup's data state."""
+    backup_dir = backup_directory(config, strategy, chief)
+    known = backup_lib.data_state(backup_dir, step).get(_DROPPED_KEY, {}) if step else {}
+    return {int(pipeline): pipelines.DroppedPositions(positions)
+            for pipeline, positions in known.items()}
+
+
 def examples_to_skip(config, strategy, context, per_replica_batch, resume_step):
     """Training examples one input pipeline delivered in `resume_step` updates, which a run
     resumed at that step skips (`--resume_data_position`); 0 for a new run."""
@@ -330,7 +360,7 @@ def examples_to_skip(config, strategy, context, per_replica_batch, resume_step):
 
 
 def make_callbacks(config, strategy, chief, eval_data=None, resume=Resume(0, False),
-                   probe=None):
+                   probe=None, dropped=None):
     """The callbacks of `fit`; the model directory's shared files are written by the chief only.
 
     Args:
@@ -342,6 +372,7 @@ def make_callbacks(config, strategy, chief, eval_data=None, resume=Resume(0, Fal
         resume: `_resume_step`'s: the step the run resumes from (in a multi-worker run, the
             one the workers agreed on), whose backup is restored; default: a new run.
         probe: the `fewshot_probe` the chief runs every --fewshot_every_steps; None: none.
+        dropped: `make_datasets`'s record positions, saved in each backup's manifest.
 
     Returns:
         (callbacks, throughput): the list for `fit`, and its `StepAndThroughput`, whose
@@ -358,7 +389,8 @@ def make_callbacks(config, strategy, chief, eval_data=None, resume=Resume(0, Fal
         # Keras epoch = --checkpoint_every_steps updates, so a backup per epoch is per chunk.
         backup_lib.AtomicBackupAndRestore(
             backup_dir, config.checkpoint_every_steps,
-            resume_step=resume.step, verified=resume.verified),
+            resume_step=resume.step, verified=resume.verified,
+            data_state=lambda: _dropped_state(dropped)),
         callbacks_lib.QuietEndOfEvaluationData(),
     ]
     if chief:
@@ -539,9 +571,11 @@ def _fit_resumed(model, config, strategy, num_classes, normalization, probe, ver
     below, failures = None, []
     while True:
         resume = _resume_step(config, strategy, chief, below, failures)
-        datasets = make_datasets(config, strategy, num_classes, resume.step, normalization)
+        dropped = _dropped_at(config, strategy, chief, resume.step)
+        datasets = make_datasets(config, strategy, num_classes, resume.step, normalization,
+                                 dropped)
         callbacks, throughput = make_callbacks(config, strategy, chief, datasets[1], resume,
-                                               probe)
+                                               probe, dropped)
         try:
             return datasets, throughput, _fit(model, config, datasets, callbacks, verbose)
         except backup_lib.UnloadableBackupError as error:
