@@ -82,25 +82,44 @@ def test_formats_and_precisions_are_checked_before_anything_is_written(tmp_path)
 
 
 @pytest.mark.slow
-def test_calibrated_int8_is_calibrated_on_data_and_refused_beyond_its_bound(tmp_path):
-    """Full-integer LiteRT of the random test model, calibrated on the digits: its
-    probabilities move by about 0.3 on the probe batch, beyond int8's 0.1, so nothing is
-    published and the error says by how much."""
+def test_calibrated_int8_is_verified_on_held_out_calibration_data_or_refused(tmp_path):
+    """Full-integer LiteRT of the random test model, calibrated on 32 digits. By default it is
+    verified on the next 8 images of the calibration data (the truth: the same split through
+    the eval pipeline), and published; on out-of-distribution probe images (the coloured
+    digits of the default probe batch, as files) its probabilities move beyond int8's 0.1,
+    so nothing is published and the error says by how much."""
     pytest.importorskip("ai_edge_litert")
+    from PIL import Image
+
+    import pipelines
     from tests.train_helpers import convert_digits
 
     tiny_classifier(tmp_path)
     data = convert_digits(tmp_path / "digits")
-    flags = [f"--checkpoint={tmp_path / 'tiny.npz'}", "--format=litert",
-             "--precision=int8_full", f"--output={tmp_path / 'm.tflite'}"]
-    missing = _tool(*flags)
+    flags = [f"--checkpoint={tmp_path / 'tiny.npz'}", "--format=litert", "--precision=int8_full",
+             f"--calibration_data={data}", "--calibration_examples=32"]
+    missing = _tool(*flags[:3], f"--output={tmp_path / 'none.tflite'}")
     assert missing.returncode == 1 and "pass --calibration_data" in missing.stderr
-    result = _tool(*flags, f"--calibration_data={data}", "--calibration_examples=32")
+    published = tmp_path / "m.tflite"
+    result = _tool(*flags, f"--output={published}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(open(verified.manifest_path(str(published))).read())
+    batch = pipelines.build_dataset(data, split="train", image_size=16, batch_size=40,
+                                    training=False)
+    held_out = next(iter(batch))[0].numpy()[32:]
+    np.testing.assert_allclose(record["probe_images"], held_out, atol=1e-3)
+
+    colours = []
+    for index, image in enumerate(manifest.probe_images(16)):
+        colours.append(str(tmp_path / f"colour_{index}.png"))
+        Image.fromarray(image.astype(np.uint8)).save(colours[-1])
+    refused = tmp_path / "refused.tflite"
+    result = _tool(*flags, f"--output={refused}", f"--probe_images={','.join(colours)}")
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"{tmp_path / 'm.tflite'} (litert, int8_full) differs from the float32" in result.stderr
+    assert f"{refused} (litert, int8_full) differs from the float32" in result.stderr
     assert "it is not published" in result.stderr
-    assert not os.path.exists(tmp_path / "m.tflite")
-    assert not os.path.exists(tmp_path / "m.tflite.keras_vit_export.json")
+    assert not os.path.exists(refused)
+    assert not os.path.exists(str(refused) + ".keras_vit_export.json")
 
 
 def test_an_export_onto_an_existing_file_keeps_it_and_its_manifest(tmp_path):

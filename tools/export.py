@@ -53,7 +53,9 @@ _WARMUP_BATCH_SIZES = flags.DEFINE_list(
     "warmup_batch_sizes", ["1", "8"], "saved_model: batch sizes of TF Serving's warmup requests "
     "(one per signature each); empty for none.")
 _PROBE_IMAGES = flags.DEFINE_list(
-    "probe_images", [], "Image files the export is verified on (default: scikit-learn's digits).")
+    "probe_images", [], "Image files the export is verified on (default: scikit-learn's digits "
+    "in colour; for a calibrated int8 export, the 8 images of --calibration_data after those it "
+    "calibrates on).")
 _VERIFY = flags.DEFINE_string(
     "verify", None, "Only re-run the check of this export (a SavedModel version directory or a "
     "file) against the manifest beside it.")
@@ -120,9 +122,10 @@ def main(argv):
         summary["signatures"] = list(summary["signatures"])
         del summary["path"]
     else:
+        calibration, held_out = _calibration_images(model)
         path, record = verified.export_verified(
-            model, _FORMAT.value, output=_OUTPUT.value, **_common(model, source),
-            calibration_images=_calibration_images(model))
+            model, _FORMAT.value, output=_OUTPUT.value,
+            **_common(model, source, default_probe=held_out), calibration_images=calibration)
         summary = {"precision": _PRECISION.value}
     print(json.dumps({"export_path": path, "format": _FORMAT.value, **summary,
                       "manifest": verified.manifest_path(path),
@@ -168,8 +171,10 @@ def _representation_options(signatures):
         explain_options=representations.ExplainOptions(_EXPLAIN_RESIDUAL_WEIGHT.value))
 
 
-def _common(model, source):
-    probe = None
+def _common(model, source, default_probe=None):
+    """export_verified's arguments common to every format; the probe batch is --probe_images,
+    else `default_probe`, else (None) the manifest's digits."""
+    probe = default_probe
     if _PROBE_IMAGES.value:
         probe = manifest.probe_images(export_lib.served_image_size(model), _PROBE_IMAGES.value)
     return dict(precision=_PRECISION.value, source=_file_read(source), probe_images=probe,
@@ -187,10 +192,13 @@ def _file_read(source):
 
 
 def _calibration_images(model):
-    """--calibration_data's first --calibration_examples images, float32 (n, S, S, 3)."""
+    """--calibration_data's first --calibration_examples images, float32 (n, S, S, 3), and
+    the next `manifest.PROBE_SIZE` (or fewer; None when none are left) as the probe batch: a
+    calibrated model is verified on images like those it was calibrated on, which the
+    coloured digits of the default probe batch are not. (None, None) when not calibrated."""
     if _PRECISION.value not in ("int8_full",) and not (
             _FORMAT.value == "openvino" and _PRECISION.value == "int8"):
-        return None
+        return None, None
     if not _CALIBRATION_DATA.value:
         raise app.UsageError(f"--format={_FORMAT.value} --precision={_PRECISION.value} is "
                              "calibrated: pass --calibration_data.")
@@ -200,10 +208,13 @@ def _calibration_images(model):
 
     dataset = pipelines.build_dataset(
         _CALIBRATION_DATA.value, split=_CALIBRATION_SPLIT.value,
-        image_size=export_lib.served_image_size(model), batch_size=_CALIBRATION_EXAMPLES.value,
+        image_size=export_lib.served_image_size(model),
+        batch_size=_CALIBRATION_EXAMPLES.value + manifest.PROBE_SIZE,
         training=False)  # the images only: the labels may be of another task
     images, _ = next(iter(dataset))
-    return np.asarray(images, np.float32)
+    images = np.asarray(images, np.float32)
+    count = _CALIBRATION_EXAMPLES.value
+    return images[:count], (images[count:] if len(images) > count else None)
 
 
 def _size(path):

@@ -305,8 +305,9 @@ def export_openvino(model: keras.Model, path: str, *, precision: str = "float32"
         float32   weights stored in float32 (`compress_to_fp16=False`), inference hint f32;
         bfloat16  weights stored in float16 (`compress_to_fp16=True`, half the size; the CPU
                   plugin widens them), inference hint bf16 (AMX/AVX512-BF16 matmuls);
-        int8      NNCF's post-training quantisation calibrated on `calibration_images`
-                  (needs `pip install nncf`), inference hint f32 for what stays float.
+        int8      NNCF's post-training quantisation (transformer preset, SmoothQuant off)
+                  calibrated on `calibration_images` (nncf, in the export extra), inference
+                  hint f32 for what stays float.
     The hint is stored in the model's rt_info under OPENVINO_HINT_KEY; OpenVINO 2026.4's
     compile_model does not apply it by itself: `run_exported` passes it, and an OpenVINO Model
     Server config must name it (docs/serving.md).
@@ -335,7 +336,12 @@ def export_openvino(model: keras.Model, path: str, *, precision: str = "float32"
             ov_model = ov.convert_model(saved_model_dir)
         if precision == "int8":
             dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
-            ov_model = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER)
+            # Without SmoothQuant (on by default for transformers): on this project's ViTs it
+            # moved probabilities 2-4x more (bench/NOTES.md, "Precision on trained models").
+            no_smooth_quant = nncf.AdvancedQuantizationParameters(
+                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
+            ov_model = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                                     advanced_parameters=no_smooth_quant)
         ov_model.set_rt_info(_OPENVINO_HINTS[precision], list(OPENVINO_HINT_KEY))
         ov.save_model(ov_model, temporaries[0], compress_to_fp16=precision == "bfloat16")
 
