@@ -55,7 +55,6 @@ def test_train_batches_have_fixed_shape(digits_dir):
 
 import io
 import json
-import os
 
 from PIL import Image
 
