@@ -16,7 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow")
+pytest.importorskip("tensorflow",
+                    reason="the precision bench exports with TensorFlow (a core dependency)")
 import tensorflow as tf  # noqa: E402
 
 from conftest import REPO  # noqa: E402

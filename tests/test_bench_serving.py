@@ -127,8 +127,9 @@ def _onnx_classifier(path, size=2, top_k=2):
 def test_worker_protocol_on_a_hand_built_onnx_model(tmp_path):
     """A worker answers load/run/modules in JSON lines; `seconds` is the call's time inside
     it (at most the round trip the parent sees); it imports no TensorFlow or keras."""
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime",
+                        reason="onnxruntime is an export extra: pip install -e '.[export]'")
+    pytest.importorskip("onnx", reason="onnx is an export extra: pip install -e '.[export]'")
     path = str(tmp_path / "hand.onnx")
     _onnx_classifier(path)
     worker = subprocess.Popen([sys.executable, SCRIPT, "worker", "onnxruntime"], cwd=REPO,
