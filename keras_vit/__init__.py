@@ -22,6 +22,7 @@ from keras_vit.layers import (
     ClassToken,
     DistilledHead,
     Encoder,
+    LayerNorm,
     LayerScale,
     MlpBlock,
     MultiHeadSelfAttention,

@@ -23,7 +23,44 @@ LAYER_NORM_EPSILON = 1e-6  # The original code's LayerNorm epsilon (Flax default
 
 
 def _layer_norm(name, epsilon=LAYER_NORM_EPSILON):
-    return keras.layers.LayerNormalization(epsilon=epsilon, name=name)
+    return LayerNorm(epsilon=epsilon, name=name)
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class LayerNorm(keras.layers.LayerNormalization):
+    """Keras's LayerNormalization, computed as `(x - mean) / sqrt(var + epsilon) * gamma +
+    beta` in float32.
+
+    Same weights, config and result as the Keras layer (to float32 rounding; this order is the
+    more accurate one); only the arithmetic differs. Keras computes `x * inv + (-mean * inv +
+    beta)` with `inv = gamma * rsqrt(var + epsilon)`, which none of OpenVINO's MVN fusion
+    patterns matches (openvino: src/common/transformations/src/transformations/
+    common_optimizations/mvn_fusion.cpp), so an OpenVINO export of it runs every LayerNorm as
+    two reductions and a handful of element-wise ops. This form is MVNFusionWithoutConstants'
+    pattern and becomes one MVN op (the reduction axes must be a list: TensorFlow's scalar
+    axes break the match). It also runs a few percent faster in TensorFlow (bench/NOTES.md,
+    "LayerNorm form").
+
+    Input and output: (..., features), any float dtype; computed in float32 at least.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.rms_scaling or not (self.center and self.scale):
+            raise ValueError(
+                f"LayerNorm {self.name!r} computes the centred, scaled and shifted form only; "
+                f"got center={self.center}, scale={self.scale}, rms_scaling={self.rms_scaling}. "
+                "Use keras.layers.LayerNormalization (or RMSNormalization) for those.")
+
+    def call(self, inputs):
+        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
+        x = ops.cast(inputs, compute_dtype)
+        axes = list(self.axis)  # built: a list, as the MVN match needs
+        centered = x - ops.mean(x, axis=axes, keepdims=True)
+        variance = ops.mean(ops.square(centered), axis=axes, keepdims=True)
+        normalized = centered / ops.sqrt(variance + self.epsilon)
+        outputs = normalized * ops.cast(self.gamma, compute_dtype) + ops.cast(self.beta, compute_dtype)
+        return ops.cast(outputs, self.compute_dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")

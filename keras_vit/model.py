@@ -257,7 +257,7 @@ def _pool(tokens, config, pooling, choices):
         x = layers.TokenPooling(pooling, choices.num_prefix_tokens, choices.distillation_token,
                                 name="pooling")(tokens)
     if choices.norm_after_pooling:
-        x = keras.layers.LayerNormalization(epsilon=choices.layer_norm_epsilon, name="fc_norm")(x)
+        x = layers.LayerNorm(epsilon=choices.layer_norm_epsilon, name="fc_norm")(x)
     return x
 
 

@@ -40,6 +40,44 @@ def test_patch_embedding_refuses_indivisible_size():
         layers.PatchEmbedding(4, 6)(np.zeros((1, 10, 8, 3), np.float32))
 
 
+def _layer_norm_by_hand(x, gamma, beta, epsilon):
+    x = x.astype(np.float64)
+    centered = x - x.mean(-1, keepdims=True)
+    return centered / np.sqrt((centered ** 2).mean(-1, keepdims=True) + epsilon) * gamma + beta
+
+
+def test_layer_norm_is_keras_layer_norm_in_the_textbook_order():
+    tokens = _tokens(2, 5, 8) * 3 + 7  # a mean far from 0, where the orders differ most
+    layer = layers.LayerNorm(epsilon=1e-6)
+    keras_layer = keras.layers.LayerNormalization(epsilon=1e-6)
+    layer.build(tokens.shape)
+    keras_layer.build(tokens.shape)
+    rng = np.random.default_rng(1)
+    weights = [rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)]
+    layer.set_weights(weights)
+    keras_layer.set_weights(weights)
+    expected = _layer_norm_by_hand(tokens, *weights, 1e-6)
+    np.testing.assert_allclose(layer(tokens), expected, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(layer(tokens), keras_layer(tokens), rtol=0, atol=1e-5)
+    assert isinstance(layer, keras.layers.LayerNormalization)  # weight decay and precision rules
+    assert_config_round_trip(layer, tokens)
+
+
+def test_layer_norm_computes_in_float32_under_mixed_precision():
+    tokens = _tokens(2, 3, 8)
+    layer = layers.LayerNorm(epsilon=1e-6, dtype="mixed_bfloat16")
+    outputs = layer(tokens)
+    assert outputs.dtype == "bfloat16" and layer.gamma.dtype == "float32"
+    expected = _layer_norm_by_hand(tokens, np.ones(8), np.zeros(8), 1e-6)
+    np.testing.assert_allclose(np.asarray(outputs, np.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("options", [{"rms_scaling": True}, {"center": False}, {"scale": False}])
+def test_layer_norm_refuses_the_forms_it_does_not_compute(options):
+    with pytest.raises(ValueError, match="centred, scaled and shifted form only"):
+        layers.LayerNorm(**options)
+
+
 def test_class_token_is_prepended():
     layer = layers.ClassToken()
     tokens = _tokens(3, 5, 4)

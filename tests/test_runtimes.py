@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow")
+import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from conftest import REPO, shared_data  # noqa: E402
@@ -119,6 +120,21 @@ def test_openvino_records_its_precision_hint(exported):
     for precision, hint in (("float32", "f32"), ("bfloat16", "bf16")):
         model = ov.Core().read_model(exported("openvino", precision))
         assert run_exported.openvino_precision_hint(model) == hint
+
+
+def test_openvino_runs_every_layer_norm_as_one_mvn(exported, models):
+    """keras_vit.layers.LayerNorm's form is the one OpenVINO's MVN fusion matches: the compiled
+    CPU graph holds one MVN op per LayerNorm of the model and no separate reductions."""
+    ov = pytest.importorskip("openvino")
+    compiled = ov.Core().compile_model(exported("openvino", "float32"), "CPU")
+    layer_types = [op.get_rt_info()["layerType"].astype(str)
+                   for op in compiled.get_runtime_model().get_ops()]
+    model = models["tanh_gelu"]
+    norms = [layer for layer in model._flatten_layers()
+             if isinstance(layer, keras.layers.LayerNormalization)]
+    assert len(norms) == 2 * 2 + 1  # two per block, the encoder's last
+    assert layer_types.count("MVN") == len(norms)
+    assert "Reduce" not in layer_types
 
 
 def test_precision_on_real_images(exported, models):
