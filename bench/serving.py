@@ -31,6 +31,7 @@ median (p50) and 99th-percentile (p99) latency of a call, and the ratios the iss
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -304,7 +305,13 @@ def _export_timm(directory):
 
 
 class Worker:
-    """One runtime's worker process (`_worker_main`), spoken to in JSON lines."""
+    """One runtime's worker process (`_worker_main`), spoken to in JSON lines.
+
+    Between requests the worker is stopped (SIGSTOP), so that while another worker computes,
+    its runtime's idle threads take no CPU: ONNX Runtime's and TensorFlow's thread pools spin
+    after a call, and on 2 cores an idle ONNX Runtime worker made the SavedModel's bfloat16
+    calls 22% slower (bench/NOTES.md, "Serving formats").
+    """
 
     def __init__(self, runtime):
         self.runtime = runtime
@@ -313,8 +320,19 @@ class Worker:
             [sys.executable, os.path.abspath(__file__), "worker", runtime],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
+    def _signal(self, number):
+        if self._process.poll() is None:
+            self._process.send_signal(number)
+
     def request(self, **message):
         """Sends one request; returns the worker's reply (RuntimeError if it died)."""
+        self._signal(signal.SIGCONT)
+        try:
+            return self._exchange(message)
+        finally:
+            self._signal(signal.SIGSTOP)
+
+    def _exchange(self, message):
         try:
             self._process.stdin.write(json.dumps(message) + "\n")
             self._process.stdin.flush()
@@ -329,6 +347,7 @@ class Worker:
 
     def close(self):
         """Ends the worker (end of its input) and waits for it."""
+        self._signal(signal.SIGCONT)
         try:
             self._process.stdin.close()
         except BrokenPipeError:  # it had died already

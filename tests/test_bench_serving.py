@@ -154,6 +154,50 @@ def test_worker_protocol_on_a_hand_built_onnx_model(tmp_path):
         assert worker.wait(timeout=60) == 0
 
 
+_STOPPED_WORKER_SCRIPT = """
+import importlib.util, json, sys, time
+spec = importlib.util.spec_from_file_location("serving_bench", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+def settled_state(pid):  # a signal is delivered asynchronously: poll for up to 5 s
+    for _ in range(100):
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+        if state == "T":
+            break
+        time.sleep(0.05)
+    return state
+
+worker = bench.Worker("onnxruntime")
+loaded = worker.request(op="load", models=[{"format": "onnx", "precision": "float32",
+                                            "path": sys.argv[2]}], batch_sizes=[1], image_size=2)
+states = [settled_state(worker._process.pid)]
+seconds = worker.request(op="run", case=loaded["loaded"][0])["seconds"]
+states.append(settled_state(worker._process.pid))
+worker.close()
+print(json.dumps({"states": states, "seconds": seconds, "exit": worker._process.returncode}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/stat")
+def test_workers_are_stopped_between_their_requests(tmp_path):
+    """While one worker computes the others are stopped (SIGSTOP: their runtimes' idle
+    threads spin and would take CPU); a stopped worker answers its next request, and closes."""
+    pytest.importorskip("onnxruntime",
+                        reason="onnxruntime is an export extra: pip install -e '.[export]'")
+    pytest.importorskip("onnx", reason="onnx is an export extra: pip install -e '.[export]'")
+    path = str(tmp_path / "hand.onnx")
+    _onnx_classifier(path)
+    result = subprocess.run([sys.executable, "-c", _STOPPED_WORKER_SCRIPT, SCRIPT, path],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["states"] == ["T", "T"]  # stopped after loading, and after running
+    assert report["seconds"] > 0 and report["exit"] == 0
+
+
 def test_timm_export_names_the_extra_when_torch_and_timm_are_missing(tmp_path):
     """--timm_python without torch/timm: exit 3 and a message naming the interpreter and
     what to install (the parent prints it as the skip reason); no file is written."""
