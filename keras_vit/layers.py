@@ -41,7 +41,8 @@ class LayerNorm(keras.layers.LayerNormalization):
     axes break the match). It also runs a few percent faster in TensorFlow (bench/NOTES.md,
     "LayerNorm form").
 
-    Input and output: (..., features), any float dtype; computed in float32 at least.
+    Input and output: (..., features), any float dtype; computed in float32 at least. Only
+    the last axis (the default) is normalized.
     """
 
     def __init__(self, **kwargs):
@@ -52,10 +53,18 @@ class LayerNorm(keras.layers.LayerNormalization):
                 f"got center={self.center}, scale={self.scale}, rms_scaling={self.rms_scaling}. "
                 "Use keras.layers.LayerNormalization (or RMSNormalization) for those.")
 
+    def build(self, input_shape):
+        super().build(input_shape)
+        rank = len(input_shape)
+        if [axis % rank for axis in self.axis] != [rank - 1]:
+            raise ValueError(
+                f"LayerNorm {self.name!r} normalizes the last axis only; got axis {self.axis} "
+                f"for inputs of shape {tuple(input_shape)}. Use keras.layers.LayerNormalization.")
+
     def call(self, inputs):
         compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
         x = ops.cast(inputs, compute_dtype)
-        axes = list(self.axis)  # built: a list, as the MVN match needs
+        axes = [-1]  # a list, as the MVN match needs (build checked the axis)
         centered = x - ops.mean(x, axis=axes, keepdims=True)
         variance = ops.mean(ops.square(centered), axis=axes, keepdims=True)
         normalized = centered / ops.sqrt(variance + self.epsilon)

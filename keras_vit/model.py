@@ -257,7 +257,10 @@ def _pool(tokens, config, pooling, choices):
         x = layers.TokenPooling(pooling, choices.num_prefix_tokens, choices.distillation_token,
                                 name="pooling")(tokens)
     if choices.norm_after_pooling:
-        x = layers.LayerNorm(epsilon=choices.layer_norm_epsilon, name="fc_norm")(x)
+        # Keras's own layer, not layers.LayerNorm: a functional model's .weights.h5 files its
+        # top-level layers by class name, and earlier files hold this one under
+        # "layers/layer_normalization". It normalizes one (B, D) vector: its form costs nothing.
+        x = keras.layers.LayerNormalization(epsilon=choices.layer_norm_epsilon, name="fc_norm")(x)
     return x
 
 

@@ -63,13 +63,24 @@ def test_layer_norm_is_keras_layer_norm_in_the_textbook_order():
     assert_config_round_trip(layer, tokens)
 
 
-def test_layer_norm_computes_in_float32_under_mixed_precision():
-    tokens = _tokens(2, 3, 8)
-    layer = layers.LayerNorm(epsilon=1e-6, dtype="mixed_bfloat16")
+@pytest.mark.parametrize("policy, input_dtype", [
+    ("mixed_bfloat16", "float32"), ("mixed_bfloat16", "bfloat16"), ("mixed_float16", "float16")])
+def test_layer_norm_computes_in_float32_under_mixed_precision(policy, input_dtype):
+    tokens = keras.ops.cast(_tokens(2, 3, 8) * 3 + 7, input_dtype)
+    layer = layers.LayerNorm(epsilon=1e-6, dtype=policy)
     outputs = layer(tokens)
-    assert outputs.dtype == "bfloat16" and layer.gamma.dtype == "float32"
-    expected = _layer_norm_by_hand(tokens, np.ones(8), np.zeros(8), 1e-6)
-    np.testing.assert_allclose(np.asarray(outputs, np.float32), expected, rtol=1e-2, atol=1e-2)
+    assert outputs.dtype == policy.split("_")[1] and layer.gamma.dtype == "float32"
+    rounded = np.asarray(keras.ops.cast(tokens, "float32"))  # what the layer was given
+    expected = _layer_norm_by_hand(rounded, np.ones(8), np.zeros(8), 1e-6)
+    # Only the output's rounding (8 or 11 significant bits): the statistics are float32.
+    np.testing.assert_allclose(np.asarray(keras.ops.cast(outputs, "float32")), expected,
+                               rtol=0, atol=2e-2 if policy == "mixed_bfloat16" else 3e-3)
+
+
+def test_layer_norm_refuses_an_axis_but_the_last():
+    with pytest.raises(ValueError, match="normalizes the last axis only"):
+        layers.LayerNorm(axis=1)(_tokens(2, 3, 8))
+    assert layers.LayerNorm(axis=2)(_tokens(2, 3, 8)).shape == (2, 3, 8)
 
 
 @pytest.mark.parametrize("options", [{"rms_scaling": True}, {"center": False}, {"scale": False}])

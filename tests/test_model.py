@@ -128,6 +128,24 @@ def test_keras_file_round_trip(tmp_path):
     assert restored.get_layer("encoder").blocks[-1].drop_path.rate == pytest.approx(0.2)
 
 
+def test_weights_files_keep_the_layout_of_earlier_versions(tmp_path):
+    """A functional model's .weights.h5 files its top-level layers by class name: fc_norm must
+    stay Keras's LayerNormalization (files written before keras_vit.layers.LayerNorm hold it
+    under layers/layer_normalization), while the LayerNorms inside layers go by attribute."""
+    import h5py
+
+    model = keras_vit.create_model("d32_l1_h2_m64_p8", image_size=16, num_classes=3,
+                                   pooling="gap", norm_after_pooling=True)
+    path = str(tmp_path / "model.weights.h5")
+    model.save_weights(path)
+    with h5py.File(path) as stored:
+        groups = []
+        stored.visit(lambda name: groups.append(name) if name.endswith("/vars") else None)
+    assert "layers/layer_normalization/vars" in groups
+    assert "layers/encoder/blocks/transformer_block/attention_norm/vars" in groups
+    assert not any(name.startswith("layers/layer_norm/") for name in groups), groups
+
+
 def test_dropout_only_in_training():
     model = _randomize(keras_vit.create_model(TINY, image_size=16, num_classes=5, dropout_rate=0.5))
     images = np.random.default_rng(1).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)

@@ -9,8 +9,8 @@ policy and copies the weights in, rounded to bfloat16.
 Two kinds of layer keep float32, both with their own float32 variables so nothing is cast per
 call either:
 
-- every `LayerNormalization`: Keras computes it in float32 whatever the policy
-  (`keras.ops.layer_normalization`), so bfloat16 scale and offset would be cast on each call;
+- every `LayerNormalization` (keras_vit's `layers.LayerNorm` included): both compute it in
+  float32 whatever the policy, so bfloat16 scale and offset would be cast on each call;
 - the model's output layer (the head): the logits are computed in float32, as under
   `mixed_bfloat16`.
 
