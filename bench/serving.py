@@ -122,12 +122,23 @@ def _worker_load(message, run_exported):
     return cases, {"loaded": list(cases), "skipped": skipped}
 
 
+def _die_with_the_parent():
+    """Has Linux kill this worker when the parent dies: a worker the parent stopped (`Worker`)
+    cannot read the end of its input, and would otherwise stay stopped, holding its models,
+    after a parent killed with SIGKILL. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def _worker_main(runtime):
     """A worker's loop: one JSON request per stdin line, one JSON reply per line.
 
     Requests: {"op": "load", ...} (see `_worker_load`), {"op": "run", "case": id} -> {"seconds":
     the call's wall time}, {"op": "modules"} -> {"modules": [...]}. Ends at end of input.
     """
+    _die_with_the_parent()
     # The replies get their own copy of stdout; what the runtimes print goes to stderr.
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -311,7 +322,7 @@ class Worker:
     Between requests the worker is stopped (SIGSTOP), so that while another worker computes,
     its runtime's idle threads take no CPU: ONNX Runtime's and TensorFlow's thread pools spin
     after a call, and on 2 cores an idle ONNX Runtime worker made the SavedModel's bfloat16
-    calls 22% slower (bench/NOTES.md, "Serving formats").
+    calls 22% slower (bench/NOTES.md, "LayerNorm form, and workers that take turns").
     """
 
     def __init__(self, runtime):
@@ -321,17 +332,18 @@ class Worker:
             [sys.executable, os.path.abspath(__file__), "worker", runtime],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
-    def _signal(self, number):
-        if self._process.poll() is None:
-            self._process.send_signal(number)
+    def _signal(self, name):
+        """Sends signal `name` ("SIGSTOP", "SIGCONT") if the worker lives and the OS has it."""
+        if hasattr(signal, name) and self._process.poll() is None:
+            self._process.send_signal(getattr(signal, name))
 
     def request(self, **message):
         """Sends one request; returns the worker's reply (RuntimeError if it died)."""
-        self._signal(signal.SIGCONT)
+        self._signal("SIGCONT")
         try:
             return self._exchange(message)
         finally:
-            self._signal(signal.SIGSTOP)
+            self._signal("SIGSTOP")
 
     def _exchange(self, message):
         try:
@@ -348,12 +360,16 @@ class Worker:
 
     def close(self):
         """Ends the worker (end of its input) and waits for it."""
-        self._signal(signal.SIGCONT)
+        self._signal("SIGCONT")
         try:
             self._process.stdin.close()
         except BrokenPipeError:  # it had died already
             pass
-        self._process.wait(timeout=60)
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a runtime that hangs on exit: the others still close
+            self._process.kill()
+            self._process.wait()
 
 
 def time_cases(models, batch_sizes, image_size, repeats, warmup):

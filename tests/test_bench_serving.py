@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -196,6 +197,43 @@ def test_workers_are_stopped_between_their_requests(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["states"] == ["T", "T"]  # stopped after loading, and after running
     assert report["seconds"] > 0 and report["exit"] == 0
+
+
+_ORPHANING_PARENT_SCRIPT = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("serving_bench", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+worker = bench.Worker("onnxruntime")
+worker.request(op="modules")  # the worker is stopped after it
+print(worker._process.pid, flush=True)
+os._exit(0)  # as if killed: no close()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, /proc")
+def test_a_stopped_worker_dies_with_its_parent():
+    """A parent killed without closing its workers leaves none behind, stopped or not."""
+    pytest.importorskip("onnxruntime",
+                        reason="onnxruntime is an export extra: pip install -e '.[export]'")
+    result = subprocess.run([sys.executable, "-c", _ORPHANING_PARENT_SCRIPT, SCRIPT], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pid = int(result.stdout.strip().splitlines()[-1])
+    state = None
+    for _ in range(100):  # up to 5 s
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        if state in ("gone", "Z"):  # dead (a zombie until init reaps it)
+            break
+        time.sleep(0.05)
+    if state not in ("gone", "Z"):
+        os.kill(pid, signal.SIGKILL)
+    assert state in ("gone", "Z"), f"the orphaned worker {pid} is still alive, state {state}"
 
 
 def test_timm_export_names_the_extra_when_torch_and_timm_are_missing(tmp_path):
