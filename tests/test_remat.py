@@ -45,6 +45,15 @@ def _loss_and_gradients(model, images, labels):
     return float(loss), [np.asarray(g) for g in gradients]
 
 
+def _assert_equal_to_rounding(actual, expected):
+    """Equal up to float32 rounding: recomputation may order the same arithmetic differently
+    (TensorFlow's graph optimizer rewrites a recomputed block's ops separately), so an element
+    may move by about 1e-6 of the array's largest magnitude, however small it is itself."""
+    expected = np.asarray(expected)
+    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6 * scale)
+
+
 def _data(batch=4):
     labels = np.arange(batch, dtype=np.int32) % 5
     return random_images(batch, 16), labels
@@ -66,7 +75,7 @@ def test_remat_gives_the_same_loss_and_gradients(regularisation):
         assert remat_loss == pytest.approx(loss, rel=1e-5)
         assert any(np.abs(g).max() > 0 for g in gradients[:-2])  # the encoder gets a gradient
         for expected, actual in zip(gradients, remat_gradients):
-            np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+            _assert_equal_to_rounding(actual, expected)
     for expected, actual in zip(results[False, "seeds"], results[True, "seeds"]):
         np.testing.assert_array_equal(actual, expected)
 
@@ -82,7 +91,7 @@ def test_fit_with_remat_gives_the_same_weights():
         weights[remat] = model.get_weights()
     assert not np.array_equal(weights[False][-2], np.zeros_like(weights[False][-2]))  # it trained
     for expected, actual in zip(weights[False], weights[True]):
-        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+        _assert_equal_to_rounding(actual, expected)
 
 
 def test_each_block_runs_again_in_the_backward_pass(monkeypatch):
@@ -132,7 +141,7 @@ def test_create_model_from_weights_with_remat(tmp_path):
     remat_loss, remat_gradients = _loss_and_gradients(remat, images, labels % 5)
     assert remat_loss == pytest.approx(loss, rel=1e-5)
     for expected, actual in zip(gradients, remat_gradients):
-        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+        _assert_equal_to_rounding(actual, expected)
 
 
 _JAX_SCRIPT = """
@@ -181,7 +190,7 @@ def test_remat_gives_the_same_gradients_on_jax(tmp_path):
     for plain, remat in zip(results["False"], results["True"]):
         assert remat[0] == pytest.approx(plain[0], rel=1e-5)
         for expected, actual in zip(plain[1:], remat[1:]):
-            np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+            _assert_equal_to_rounding(actual, expected)
 
 
 def test_from_checkpoint_with_remat(tmp_path):
@@ -195,4 +204,4 @@ def test_from_checkpoint_with_remat(tmp_path):
     remat_loss, remat_gradients = _loss_and_gradients(remat, images, labels)
     assert remat_loss == pytest.approx(loss, rel=1e-5)
     for expected, actual in zip(gradients, remat_gradients):
-        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+        _assert_equal_to_rounding(actual, expected)
