@@ -25,8 +25,8 @@ The parent times all cases alternating round by round, the order rotating, after
 back the seconds the call took in the worker (a JSON line on its stdout), so only one worker
 computes at a time and the pipe's round trip is not counted; between its requests a worker is
 stopped (SIGSTOP), so idle runtimes' spinning threads take no CPU (`Worker`). Each runtime uses
-its default thread count (all cores). Prints the modules among tensorflow/keras/keras_vit/torch each
-worker had imported when timing ended, then per case: images/s (batch / median seconds), the
+its default thread count (all cores). Prints the modules among tensorflow/keras/keras_vit/torch
+each worker had imported when timing ended, then per case: images/s (batch / median seconds), the
 median (p50) and 99th-percentile (p99) latency of a call, and the ratios the issue targets.
 """
 
