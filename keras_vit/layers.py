@@ -2,7 +2,8 @@
 
 Every layer here is written with `keras.ops` and `keras.layers`, so a model built from them
 runs on the TensorFlow and the JAX backends alike; the one exception is an inference fast path
-of `MlpBlock` on the TensorFlow backend, the same math as the backend-neutral code beside it.
+of the encoder's Dense layers on the TensorFlow backend (`_flat_dense_tensorflow`), the same
+math as the backend-neutral code beside it.
 Shapes use B = batch, T = tokens, N = patches, D = hidden size, H = heads.
 
 Initializers follow google-research/vision_transformer (Flax's defaults where it sets none):
@@ -367,6 +368,44 @@ class AddPositionEmbedding(keras.layers.Layer):
         }
 
 
+def _runs_flat_on_tensorflow(dense, training):
+    """Whether `_dense` takes `_flat_dense_tensorflow` for this Dense and call.
+
+    Only on the TensorFlow backend at inference: a training graph keeps each pre-activation for
+    the backward pass, so nothing fuses there and Keras's Dense is the faster path. A quantized
+    Dense (`model.quantize`) keeps its own call: its kernel is in its own format.
+    """
+    return (not training and keras.backend.backend() == "tensorflow"
+            and getattr(dense, "quantization_mode", None) is None and dense.use_bias)
+
+
+def _flat_dense_tensorflow(dense, tokens, gelu_approximate=None):
+    """`dense(tokens)`, then a GELU if `gelu_approximate` is not None, as TensorFlow ops on the
+    Dense layer's own variables: (..., D) -> (..., units), in the tokens' dtype.
+
+    A 2-D MatMul, a BiasAdd and a GELU, which TensorFlow's graph rewriter fuses into one oneDNN
+    matmul: Keras's Dense on (B, T, D) inputs emits a tensordot (a reshape between its MatMul and
+    the bias) and an AddV2, which it does not fuse (bench/NOTES.md has the measurements). The
+    exporters to LiteRT, ONNX and OpenVINO read the same graph: a 2-D MatMul with its bias is
+    their fully connected layer.
+    """
+    import tensorflow as tf  # Here only: the JAX backend must not need TensorFlow.
+
+    flat = tf.reshape(tokens, (-1, tokens.shape[-1]))
+    outputs = tf.matmul(flat, ops.cast(dense.kernel, flat.dtype))
+    outputs = tf.nn.bias_add(outputs, ops.cast(dense.bias, flat.dtype))
+    if gelu_approximate is not None:
+        outputs = tf.nn.gelu(outputs, approximate=gelu_approximate)
+    return tf.reshape(outputs, tf.concat([tf.shape(tokens)[:-1], [dense.units]], axis=0))
+
+
+def _dense(dense, tokens, training):
+    """`dense(tokens)`, as `_flat_dense_tensorflow` where `_runs_flat_on_tensorflow`."""
+    if _runs_flat_on_tensorflow(dense, training):
+        return _flat_dense_tensorflow(dense, tokens)
+    return dense(tokens)
+
+
 @keras.saving.register_keras_serializable(package="keras_vit")
 class MultiHeadSelfAttention(keras.layers.Layer):
     """Multi-head self-attention (the paper's MSA, Eq. 2 and its Appendix A).
@@ -425,7 +464,8 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         batch_size, num_tokens = ops.shape(tokens)[0], ops.shape(tokens)[1]
         hidden_size = self.num_heads * self.head_dim
         qkv = ops.reshape(
-            self.qkv(tokens), (batch_size, num_tokens, 3, self.num_heads, self.head_dim)
+            _dense(self.qkv, tokens, training),
+            (batch_size, num_tokens, 3, self.num_heads, self.head_dim),
         )
         # Queries, keys and values stay in (B, T, H, D/H), the projection's own layout: the
         # einsums below read it as is, with no transposed copies in either direction
@@ -445,7 +485,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             value,
         )
         attended = ops.reshape(attended, (batch_size, num_queries, hidden_size))
-        outputs = self.out(attended)
+        outputs = _dense(self.out, attended, training)
         if return_attention_scores:
             return outputs, probabilities
         return outputs
@@ -513,14 +553,9 @@ def _mlp_dense(units, name):
 class MlpBlock(keras.layers.Layer):
     """The encoder block's MLP (Eq. 3): Dense(mlp_dim) -> GELU -> Dropout -> Dense(D) -> Dropout.
 
-    On the TensorFlow backend at inference, the first Dense and the GELU run as a 2-D MatMul, a
-    BiasAdd and a GELU op on the Dense layer's own variables (the GELU in the compute dtype):
-    TensorFlow's graph rewriter fuses those three into one oneDNN matmul, while Keras's Dense on
-    (B, T, D) inputs emits a tensordot and an AddV2, which it does not fuse (bench/NOTES.md has
-    the measurements). Training keeps Keras's Dense and a float32 GELU: a training graph keeps
-    the pre-activation for the backward pass, so nothing fuses there, and that is the faster
-    path. A quantized Dense (`model.quantize`) also keeps its own call: its kernel is in its own
-    format.
+    On the TensorFlow backend at inference, the first Dense and the GELU run as one fused oneDNN
+    matmul, the GELU in the compute dtype (`_flat_dense_tensorflow`); training keeps Keras's
+    Dense and a float32 GELU.
 
     Args:
         mlp_dim: hidden width of the MLP.
@@ -555,32 +590,18 @@ class MlpBlock(keras.layers.Layer):
         Returns:
             (B, T, D), in the layer's compute dtype.
         """
-        hidden = self.dropout_1(self._dense_gelu(tokens, training), training=training)
-        return self.dropout_2(self.dense_2(hidden), training=training)
-
-    def _dense_gelu(self, tokens, training):
-        """GELU(tokens @ kernel + bias) of the first Dense: (B, T, D) -> (B, T, mlp_dim)."""
-        if (not training and keras.backend.backend() == "tensorflow"
-                and getattr(self.dense_1, "quantization_mode", None) is None):
-            return self._fused_dense_gelu_tensorflow(tokens)
-        hidden = self.dense_1(tokens)
-        # GELU in float32 even under mixed precision: TensorFlow's CPU kernels run bfloat16
-        # element-wise ops several times slower than float32 ones (bench/NOTES.md).
-        return ops.cast(
-            keras.activations.gelu(ops.cast(hidden, "float32"), approximate=self.approximate),
-            hidden.dtype,
-        )
-
-    def _fused_dense_gelu_tensorflow(self, tokens):
-        """`_dense_gelu` as the 2-D MatMul, BiasAdd and GELU ops that oneDNN fuses (TF only)."""
-        import tensorflow as tf  # Here only: the JAX backend must not need TensorFlow.
-
-        dense = self.dense_1
-        flat = tf.reshape(tokens, (-1, tokens.shape[-1]))
-        hidden = tf.matmul(flat, ops.cast(dense.kernel, flat.dtype))
-        hidden = tf.nn.bias_add(hidden, ops.cast(dense.bias, flat.dtype))
-        hidden = tf.nn.gelu(hidden, approximate=self.approximate)
-        return tf.reshape(hidden, tf.concat([tf.shape(tokens)[:-1], [dense.units]], axis=0))
+        if _runs_flat_on_tensorflow(self.dense_1, training):
+            hidden = _flat_dense_tensorflow(self.dense_1, tokens, gelu_approximate=self.approximate)
+        else:
+            hidden = self.dense_1(tokens)
+            # GELU in float32 even under mixed precision: TensorFlow's CPU kernels run bfloat16
+            # element-wise ops several times slower than float32 ones (bench/NOTES.md).
+            hidden = ops.cast(
+                keras.activations.gelu(ops.cast(hidden, "float32"), approximate=self.approximate),
+                hidden.dtype,
+            )
+        hidden = self.dropout_1(hidden, training=training)
+        return self.dropout_2(_dense(self.dense_2, hidden, training), training=training)
 
     def get_config(self):
         return {

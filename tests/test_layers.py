@@ -154,6 +154,31 @@ def test_attention_and_block_round_trip():
     assert_config_round_trip(pooling, tokens)
 
 
+def test_attention_is_softmax_of_scaled_dot_products():
+    # Truth: Eq. 5-8 of the paper's Appendix A in NumPy, on the layer's own fused weights, with
+    # biases of order 1 (their init is zero), so a lost or wrong BiasAdd shows. Inference takes
+    # the TensorFlow fast path of the Dense layers (on TensorFlow), training Keras's Dense.
+    tokens = _tokens(2, 5, 8)
+    attention = layers.MultiHeadSelfAttention(num_heads=2)
+    attention.build(tokens.shape)
+    rng = np.random.default_rng(6)
+    for dense in (attention.qkv, attention.out):
+        dense.bias.assign(rng.normal(size=dense.bias.shape).astype(np.float32))
+    qkv = tokens @ attention.qkv.kernel.numpy() + attention.qkv.bias.numpy()
+    query, key, value = np.split(qkv.reshape(2, 5, 3, 2, 4), 3, axis=2)  # (B, T, 1, H, D/H)
+    scores = np.einsum("bqhd,bkhd->bhqk", query[:, :, 0], key[:, :, 0]) / np.sqrt(4)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    attended = np.einsum("bhqk,bkhd->bqhd", weights, value[:, :, 0]).reshape(2, 5, 8)
+    expected = attended @ attention.out.kernel.numpy() + attention.out.bias.numpy()
+    for training in (False, True):
+        outputs, probabilities = attention(tokens, training=training, return_attention_scores=True)
+        np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(probabilities, weights, rtol=1e-5, atol=1e-6)
+        first = attention(tokens, training=training, first_query_only=True)
+        np.testing.assert_allclose(first, expected[:, :1], rtol=1e-5, atol=1e-5)
+
+
 def test_mlp_block_is_dense_gelu_dense():
     # Truth: Eq. 3's MLP written out in NumPy, with the tanh GELU of flax.linen.gelu (default)
     # and the exact erf GELU (approximate=False).
@@ -165,7 +190,7 @@ def test_mlp_block_is_dense_gelu_dense():
         rng = np.random.default_rng(5)
         for dense in (mlp.dense_1, mlp.dense_2):
             dense.bias.assign(rng.normal(size=dense.bias.shape).astype(np.float32))
-        inferred = np.asarray(mlp(tokens))  # On TensorFlow: the fused MatMul + BiasAdd + GELU path.
+        inferred = np.asarray(mlp(tokens))  # On TensorFlow: the fused MatMul, BiasAdd (+ GELU).
         hidden = tokens @ mlp.dense_1.kernel.numpy() + mlp.dense_1.bias.numpy()
         if approximate:
             gelu = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden ** 3)))
