@@ -13,11 +13,11 @@ Every file has the interface of the SavedModel's `predict_pixels` signature, wit
              scores         float32 (batch, top_k)        their probabilities
 
 Each is made by its ecosystem's own converter from one `tf.function` around the Keras model in
-inference mode (so MlpBlock's fused TensorFlow path is what they see: all three convert it):
-the TensorFlow Lite converter and OpenVINO's `convert_model` read it from a SavedModel written
-to a temporary directory (the LiteRT converter freezes a SavedModel's variables, not those a
-concrete function captures: converted from the function, every weight reads as NaN), tf2onnx
-converts the function itself.
+inference mode (so the encoder Dense layers' 2-D TensorFlow path is what they see: all three
+convert it): the TensorFlow Lite converter and OpenVINO's `convert_model` read it from a
+SavedModel written to a temporary directory (the LiteRT converter freezes a SavedModel's
+variables, not those a concrete function captures: converted from the function, every weight
+reads as NaN), tf2onnx converts the function itself.
 
 The graph cannot check its input (none of the three runs TensorFlow's Assert): each runtime
 checks the declared shape and dtype itself, or not (docs/serving.md lists what each does), and
@@ -305,9 +305,9 @@ def export_openvino(model: keras.Model, path: str, *, precision: str = "float32"
         float32   weights stored in float32 (`compress_to_fp16=False`), inference hint f32;
         bfloat16  weights stored in float16 (`compress_to_fp16=True`, half the size; the CPU
                   plugin widens them), inference hint bf16 (AMX/AVX512-BF16 matmuls);
-        int8      NNCF's post-training quantisation (transformer preset, SmoothQuant off)
-                  calibrated on `calibration_images` (nncf, in the export extra), inference
-                  hint f32 for what stays float.
+        int8      NNCF's post-training quantisation (transformer preset, SmoothQuant off,
+                  7-bit weights for CPUs without VNNI) calibrated on `calibration_images`
+                  (nncf, in the export extra), inference hint f32 for what stays float.
     The hint is stored in the model's rt_info under OPENVINO_HINT_KEY; OpenVINO 2026.4's
     compile_model does not apply it by itself: `run_exported` passes it, and an OpenVINO Model
     Server config must name it (docs/serving.md).
@@ -338,10 +338,15 @@ def export_openvino(model: keras.Model, path: str, *, precision: str = "float32"
             dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
             # Without SmoothQuant (on by default for transformers): on this project's ViTs it
             # moved probabilities 2-4x more (bench/NOTES.md, "Precision on trained models").
-            no_smooth_quant = nncf.AdvancedQuantizationParameters(
-                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
+            # Weights in 7 bits in every layer (NNCF's default: the first only): CPUs without
+            # VNNI (AVX2, AVX-512 before VNNI) saturate a 16-bit sum of u8 x s8 products, which
+            # cost a third of top-1 agreement on an AVX2 CPU (bench/NOTES.md, "Every Dense
+            # as a 2-D MatMul"); OpenVINO's saturation-issue guide gives this fix.
+            advanced = nncf.AdvancedQuantizationParameters(
+                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1),
+                overflow_fix=nncf.OverflowFix.ENABLE)
             ov_model = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER,
-                                     advanced_parameters=no_smooth_quant)
+                                     advanced_parameters=advanced)
         ov_model.set_rt_info(_OPENVINO_HINTS[precision], list(OPENVINO_HINT_KEY))
         ov.save_model(ov_model, temporaries[0], compress_to_fp16=precision == "bfloat16")
 
