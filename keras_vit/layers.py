@@ -2,8 +2,8 @@
 
 Every layer here is written with `keras.ops` and `keras.layers`, so a model built from them
 runs on the TensorFlow and the JAX backends alike; the one exception is an inference fast path
-of the encoder's Dense layers on the TensorFlow backend (`_flat_dense_tensorflow`), the same
-math as the backend-neutral code beside it.
+of the attention's and the MLP's Dense layers on the TensorFlow backend
+(`_flat_dense_tensorflow`), the same math as the backend-neutral code beside it.
 Shapes use B = batch, T = tokens, N = patches, D = hidden size, H = heads.
 
 Initializers follow google-research/vision_transformer (Flax's defaults where it sets none):
@@ -371,17 +371,21 @@ class AddPositionEmbedding(keras.layers.Layer):
 def _runs_flat_on_tensorflow(dense, training):
     """Whether `_dense` takes `_flat_dense_tensorflow` for this Dense and call.
 
-    Only on the TensorFlow backend at inference: a training graph keeps each pre-activation for
-    the backward pass, so nothing fuses there and Keras's Dense is the faster path. A quantized
-    Dense (`model.quantize`) keeps its own call: its kernel is in its own format.
+    Only on the TensorFlow backend at inference. Training keeps Keras's Dense: a training graph
+    keeps the GELU's pre-activation for the backward pass, so the MLP's first matmul does not
+    fuse there and Keras's Dense measured faster (bench/NOTES.md, lever 10); the other Dense
+    layers were not measured in training. Also only for a Dense with a bias and no activation
+    of its own (the GELU is the caller's), and not quantized (`model.quantize`: its kernel is
+    in its own format and its call is its own).
     """
     return (not training and keras.backend.backend() == "tensorflow"
-            and getattr(dense, "quantization_mode", None) is None and dense.use_bias)
+            and getattr(dense, "quantization_mode", None) is None and dense.use_bias
+            and dense.activation is keras.activations.linear)
 
 
 def _flat_dense_tensorflow(dense, tokens, gelu_approximate=None):
     """`dense(tokens)`, then a GELU if `gelu_approximate` is not None, as TensorFlow ops on the
-    Dense layer's own variables: (..., D) -> (..., units), in the tokens' dtype.
+    Dense layer's own variables: (..., D) -> (..., units), in the Dense's compute dtype.
 
     A 2-D MatMul, a BiasAdd and a GELU, which TensorFlow's graph rewriter fuses into one oneDNN
     matmul: Keras's Dense on (B, T, D) inputs emits a tensordot (a reshape between its MatMul and
@@ -391,7 +395,8 @@ def _flat_dense_tensorflow(dense, tokens, gelu_approximate=None):
     """
     import tensorflow as tf  # Here only: the JAX backend must not need TensorFlow.
 
-    flat = tf.reshape(tokens, (-1, tokens.shape[-1]))
+    # Cast as Keras's Dense casts its inputs: to its own compute dtype, whatever the caller's.
+    flat = ops.cast(tf.reshape(tokens, (-1, dense.kernel.shape[0])), dense.compute_dtype)
     outputs = tf.matmul(flat, ops.cast(dense.kernel, flat.dtype))
     outputs = tf.nn.bias_add(outputs, ops.cast(dense.bias, flat.dtype))
     if gelu_approximate is not None:
@@ -412,7 +417,8 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
     The query, key and value projections are one fused (D, 3·D) Dense: one matrix multiply
     instead of three. Its columns are [query | key | value], each in (head, head_dim) order,
-    which is the original checkpoints' (D, H, D/H) kernels reshaped and concatenated.
+    which is the original checkpoints' (D, H, D/H) kernels reshaped and concatenated. On the
+    TensorFlow backend at inference it and the output Dense run as `_flat_dense_tensorflow`.
 
     Args:
         num_heads: attention heads H; must divide D.
@@ -554,8 +560,8 @@ class MlpBlock(keras.layers.Layer):
     """The encoder block's MLP (Eq. 3): Dense(mlp_dim) -> GELU -> Dropout -> Dense(D) -> Dropout.
 
     On the TensorFlow backend at inference, the first Dense and the GELU run as one fused oneDNN
-    matmul, the GELU in the compute dtype (`_flat_dense_tensorflow`); training keeps Keras's
-    Dense and a float32 GELU.
+    matmul, the GELU in the compute dtype, and the second Dense as a fused MatMul and BiasAdd
+    (`_flat_dense_tensorflow`); training keeps Keras's Dense and a float32 GELU.
 
     Args:
         mlp_dim: hidden width of the MLP.

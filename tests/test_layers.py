@@ -154,10 +154,10 @@ def test_attention_and_block_round_trip():
     assert_config_round_trip(pooling, tokens)
 
 
-def test_attention_is_softmax_of_scaled_dot_products():
+def test_attention_is_softmax_of_scaled_dot_products(monkeypatch):
     # Truth: Eq. 5-8 of the paper's Appendix A in NumPy, on the layer's own fused weights, with
     # biases of order 1 (their init is zero), so a lost or wrong BiasAdd shows. Inference takes
-    # the TensorFlow fast path of the Dense layers (on TensorFlow), training Keras's Dense.
+    # the TensorFlow fast path of both Dense layers (counted), training Keras's Dense.
     tokens = _tokens(2, 5, 8)
     attention = layers.MultiHeadSelfAttention(num_heads=2)
     attention.build(tokens.shape)
@@ -171,12 +171,25 @@ def test_attention_is_softmax_of_scaled_dot_products():
     weights /= weights.sum(axis=-1, keepdims=True)
     attended = np.einsum("bhqk,bkhd->bqhd", weights, value[:, :, 0]).reshape(2, 5, 8)
     expected = attended @ attention.out.kernel.numpy() + attention.out.bias.numpy()
+    flat_calls = []
+    flat_dense = layers._flat_dense_tensorflow
+    monkeypatch.setattr(layers, "_flat_dense_tensorflow",
+                        lambda *args, **kwargs: flat_calls.append(1) or flat_dense(*args, **kwargs))
+    on_tensorflow = keras.backend.backend() == "tensorflow"
     for training in (False, True):
+        flat_calls.clear()
         outputs, probabilities = attention(tokens, training=training, return_attention_scores=True)
         np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(probabilities, weights, rtol=1e-5, atol=1e-6)
         first = attention(tokens, training=training, first_query_only=True)
         np.testing.assert_allclose(first, expected[:, :1], rtol=1e-5, atol=1e-5)
+        assert len(flat_calls) == (4 if on_tensorflow and not training else 0)
+    if on_tensorflow:  # The fast path with batch and tokens unknown when traced.
+        import tensorflow as tf
+
+        traced = tf.function(lambda x: attention(x, training=False),
+                             input_signature=[tf.TensorSpec((None, None, 8), tf.float32)])
+        np.testing.assert_allclose(traced(tokens), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_mlp_block_is_dense_gelu_dense():
