@@ -395,9 +395,10 @@ def _flat_dense_tensorflow(dense, tokens, gelu_approximate=None):
     """
     import tensorflow as tf  # Here only: the JAX backend must not need TensorFlow.
 
+    kernel = dense.kernel  # Read once: with LoRA enabled, each read adds the low-rank product.
     # Cast as Keras's Dense casts its inputs: to its own compute dtype, whatever the caller's.
-    flat = ops.cast(tf.reshape(tokens, (-1, dense.kernel.shape[0])), dense.compute_dtype)
-    outputs = tf.matmul(flat, ops.cast(dense.kernel, flat.dtype))
+    flat = ops.cast(tf.reshape(tokens, (-1, kernel.shape[0])), dense.compute_dtype)
+    outputs = tf.matmul(flat, ops.cast(kernel, flat.dtype))
     outputs = tf.nn.bias_add(outputs, ops.cast(dense.bias, flat.dtype))
     if gelu_approximate is not None:
         outputs = tf.nn.gelu(outputs, approximate=gelu_approximate)

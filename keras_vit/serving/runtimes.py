@@ -13,11 +13,11 @@ Every file has the interface of the SavedModel's `predict_pixels` signature, wit
              scores         float32 (batch, top_k)        their probabilities
 
 Each is made by its ecosystem's own converter from one `tf.function` around the Keras model in
-inference mode (so the encoder Dense layers' 2-D TensorFlow path is what they see: all three
-convert it): the TensorFlow Lite converter and OpenVINO's `convert_model` read it from a
-SavedModel written to a temporary directory (the LiteRT converter freezes a SavedModel's
-variables, not those a concrete function captures: converted from the function, every weight
-reads as NaN), tf2onnx converts the function itself.
+inference mode (so the attention's and the MLP's 2-D TensorFlow Dense path is what they see:
+all three convert it): the TensorFlow Lite converter and OpenVINO's `convert_model` read it
+from a SavedModel written to a temporary directory (the LiteRT converter freezes a
+SavedModel's variables, not those a concrete function captures: converted from the function,
+every weight reads as NaN), tf2onnx converts the function itself.
 
 The graph cannot check its input (none of the three runs TensorFlow's Assert): each runtime
 checks the declared shape and dtype itself, or not (docs/serving.md lists what each does), and
