@@ -4,7 +4,9 @@ Truth checked against: a separate process that imports TensorFlow alone (not ker
 pipelines) and runs the signatures the way TensorFlow Serving does, through a session fed by the
 SignatureDef's tensor names (C++ `Session::Run`, which skips the Python shape checks of
 `signatures[...]`). Before the in-graph checks, a rank-2 `images` tensor made that process die
-of SIGABRT (`Check failed` in tensor_format.h, reached from Conv2D). Every bad request must fail
+of SIGABRT (`Check failed` in tensor_format.h, reached from oneDNN's Conv2D; Eigen's Conv2D, which
+TensorFlow runs on CPUs without AVX-512 VNNI/BF16/AMX, refuses it instead, naming no input).
+Every bad request must fail
 with INVALID_ARGUMENT naming the input, and the same session must then answer a good request
 exactly as before. Oversized images are forged by patching the dimensions in the header of a
 small encoded image, so nothing of their claimed size is ever allocated.
@@ -275,21 +277,32 @@ def test_every_bad_request_is_refused_and_the_next_good_one_answered(exported, t
 
 
 @pytest.mark.slow
-def test_without_the_checks_a_rank_2_request_kills_the_process(model, tmp_path, monkeypatch):
-    """The harness reaches the kernels as TF Serving does: unchecked, the process aborts."""
+@pytest.mark.parametrize("onednn", ["1", "0"], ids=["onednn", "eigen"])
+def test_without_the_checks_a_rank_2_request_reaches_the_kernel(model, tmp_path, monkeypatch,
+                                                                  onednn):
+    """The harness reaches the kernels as TF Serving does: unchecked, a rank-2 request gets to
+    Conv2D, whose oneDNN kernel aborts the process and whose Eigen kernel refuses it naming no
+    input. `TF_ENABLE_ONEDNN_OPTS` picks the kernels on any x86 CPU (unset, TensorFlow picks
+    oneDNN only on CPUs with AVX-512 VNNI, BF16 or AMX)."""
     monkeypatch.setattr(inputs_module, "checked_pixels", lambda images, *sizes: images)
     unchecked = serving.export_classifier(model, str(tmp_path / "unchecked"), top_k=2)
     requests_path = str(tmp_path / "requests.npz")
     np.savez(requests_path, **_good_requests(),
              **{"predict_pixels:rank_2": np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)})
+    answers_path = tmp_path / "answers.json"
     result = subprocess.run(
         [sys.executable, "-c", "import resource; resource.setrlimit(resource.RLIMIT_CORE, "
-         "(0, 0))\n" + _TF_ONLY_SERVER, unchecked.path, requests_path,
-         str(tmp_path / "answers.json")],
+         "(0, 0))\n" + _TF_ONLY_SERVER, unchecked.path, requests_path, str(answers_path)],
         capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-        env={**os.environ, "PYTHONPATH": ""})
-    assert result.returncode == -6, result.stderr[-3000:]  # SIGABRT
-    assert "Check failed" in result.stderr
+        env={**os.environ, "PYTHONPATH": "", "TF_ENABLE_ONEDNN_OPTS": onednn})
+    if onednn == "1":
+        assert result.returncode == -6, result.stderr[-3000:]  # SIGABRT
+        assert "Check failed" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr[-3000:]
+    error = json.loads(answers_path.read_text())["rank_2"]["error"]
+    assert "convolution input must be 4-dimensional" in error, error[:600]
+    assert "images" not in error, error[:600]  # the checks name the input; the kernel does not
 
 
 @pytest.mark.slow
