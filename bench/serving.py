@@ -53,6 +53,7 @@ _TIMM_MODEL = "vit_base_patch16_224"
 _TIMM_EXTRA = "pip install torch timm (torchvision too: timm imports it)"
 _MISSING_EXTRA_EXIT = 3
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+_PARENT_PID_VARIABLE = "KERAS_VIT_BENCH_PARENT_PID"  # set by `Worker` for `_die_with_the_parent`
 
 
 def _run_exported_module():
@@ -125,11 +126,19 @@ def _worker_load(message, run_exported):
 def _die_with_the_parent():
     """Has Linux kill this worker when the parent dies: a worker the parent stopped (`Worker`)
     cannot read the end of its input, and would otherwise stay stopped, holding its models,
-    after a parent killed with SIGKILL. Elsewhere a no-op."""
+    after a parent killed with SIGKILL. Elsewhere a no-op.
+
+    A parent that died before this call sends no signal: the worker was already re-parented,
+    so it exits when its parent is not the one `Worker` named in `_PARENT_PID_VARIABLE`.
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        expected = os.environ.get(_PARENT_PID_VARIABLE)
+        if expected is not None and os.getppid() != int(expected):
+            sys.exit(f"bench/serving.py worker: the parent {expected} died before the worker "
+                     f"started (its parent is now {os.getppid()}); exiting.")
 
 
 def _worker_main(runtime):
@@ -330,7 +339,8 @@ class Worker:
         # stderr is inherited: the runtime's own messages and a worker's traceback show.
         self._process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "worker", runtime],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            env={**os.environ, _PARENT_PID_VARIABLE: str(os.getpid())})
 
     def _signal(self, name):
         """Sends signal `name` ("SIGSTOP", "SIGCONT") if the worker lives and the OS has it."""

@@ -236,6 +236,26 @@ def test_a_stopped_worker_dies_with_its_parent():
     assert state in ("gone", "Z"), f"the orphaned worker {pid} is still alive, state {state}"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
+def test_a_worker_whose_parent_died_before_it_started_exits():
+    """The parent named in the environment is not the worker's: it died before the worker's
+    PR_SET_PDEATHSIG, whose signal would never come. The worker exits without reading input."""
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "worker", "onnxruntime"], cwd=REPO, capture_output=True,
+        text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env={**os.environ, "KERAS_VIT_BENCH_PARENT_PID": str(os.getpid() + 1_000_000)})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "died before the worker started" in result.stderr, result.stderr[-3000:]
+    # Its own parent (this process) named, the same worker runs: it answers a request and ends
+    # at the end of its input.
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "worker", "onnxruntime"], cwd=REPO, capture_output=True,
+        text=True, timeout=60, input=json.dumps({"op": "modules"}) + "\n",
+        env={**os.environ, "KERAS_VIT_BENCH_PARENT_PID": str(os.getpid())})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "modules" in json.loads(result.stdout.strip()), result.stdout
+
+
 def test_timm_export_names_the_extra_when_torch_and_timm_are_missing(tmp_path):
     """--timm_python without torch/timm: exit 3 and a message naming the interpreter and
     what to install (the parent prints it as the skip reason); no file is written."""
