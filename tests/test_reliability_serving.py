@@ -4,11 +4,10 @@ Truth checked against: a separate process that imports TensorFlow alone (not ker
 pipelines) and runs the signatures the way TensorFlow Serving does, through a session fed by the
 SignatureDef's tensor names (C++ `Session::Run`, which skips the Python shape checks of
 `signatures[...]`). Before the in-graph checks, a rank-2 `images` tensor made that process die
-of SIGABRT (`Check failed` in tensor_format.h, reached from oneDNN's Conv2D; Eigen's Conv2D, which
-TensorFlow runs on CPUs without AVX-512 VNNI/BF16/AMX, refuses it instead, naming no input).
-Every bad request must fail
-with INVALID_ARGUMENT naming the input, and the same session must then answer a good request
-exactly as before. Oversized images are forged by patching the dimensions in the header of a
+of SIGABRT (`Check failed` in tensor_format.h, reached from oneDNN's Conv2D; Eigen's Conv2D,
+which TensorFlow runs on CPUs without AVX-512 VNNI/BF16/AMX, refuses it instead, naming no
+input). Every bad request must fail with INVALID_ARGUMENT naming the input, and the same
+session must then answer a good request exactly as before. Oversized images are forged by patching the dimensions in the header of a
 small encoded image, so nothing of their claimed size is ever allocated.
 """
 
